@@ -1,0 +1,24 @@
+"""mla_jax: small decoder-only LMs with MHA / GQA / MQA / MLA attention, in JAX + Flax NNX.
+
+    from mla_jax import ModelConfig, Transformer, generate
+    cfg = ModelConfig(attention="mla", d_model=256, n_heads=4, kv_lora_rank=64)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    logits = model(tokens)                        # [B, T] int32 -> [B, T, V]
+    new_tokens = generate(model, [[1, 2, 3]], max_new_tokens=32, temperature=0.8)
+    model = load_model("runs/mla")                # a trained model from its workdir
+"""
+
+from mla_jax.cache import Cache, init_cache
+from mla_jax.config import ModelConfig, kv_cache_bytes_per_token
+from mla_jax.generate import generate
+from mla_jax.model import Transformer, count_params
+
+
+def load_model(workdir: str, which: str = "latest"):
+  """Rebuilds the trained model from a workdir alone (config + checkpoint); see checkpoint.py."""
+  from mla_jax.checkpoint import load_model as _load  # training-side import, kept lazy
+  return _load(workdir, which)
+
+
+__all__ = ["Cache", "ModelConfig", "Transformer", "count_params", "generate", "init_cache",
+           "kv_cache_bytes_per_token", "load_model"]

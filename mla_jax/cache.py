@@ -1,0 +1,90 @@
+"""Decode caches as explicit pytrees: passed into the model and returned updated, never hidden state.
+
+Slot s of a cache holds the token at position s of its sequence; `lengths[b]` counts the tokens of
+sequence b written so far, so the next tokens go to slots lengths[b], lengths[b] + 1, ... Slots past
+a sequence's length may hold stale values (right-padded prompts); the causal mask hides them.
+
+MLA's cache holds only the normalised latent c and the rotated shared rope key: no per-head tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mla_jax.config import ModelConfig
+
+# Logical axis names of each cache array, mapped to mesh axes by sharding.py.
+KV_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+LATENT_AXES = ("cache_batch", "cache_length", "cache_latent")
+ROPE_AXES = ("cache_batch", "cache_length", "cache_rope")
+
+
+@flax.struct.dataclass
+class KVCache:
+  """One layer of MHA/GQA/MQA: k, v [B, S, G, K] (keys already rotated)."""
+  k: jax.Array
+  v: jax.Array
+
+  @property
+  def axes(self):
+    return KVCache(k=KV_AXES, v=KV_AXES)
+
+
+@flax.struct.dataclass
+class LatentCache:
+  """One layer of MLA: c [B, S, C] (after its RMSNorm), k_rope [B, S, R] (after RoPE)."""
+  c: jax.Array
+  k_rope: jax.Array
+
+  @property
+  def axes(self):
+    return LatentCache(c=LATENT_AXES, k_rope=ROPE_AXES)
+
+
+LayerCache = Union[KVCache, LatentCache]
+
+
+@flax.struct.dataclass
+class Cache:
+  """All layers plus the fill level: layers tuple of L layer caches, lengths [B] int32."""
+  layers: tuple
+  lengths: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return jax.tree.leaves(self.layers)[0].shape[1]
+
+  def axes(self) -> "Cache":
+    """The same tree with a tuple of logical axis names in place of each array."""
+    return Cache(layers=tuple(layer.axes for layer in self.layers), lengths=("cache_batch",))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None) -> Cache:
+  """Zeros for `batch` sequences of up to `max_len` (default cfg.max_seq_len) tokens."""
+  s = max_len or cfg.max_seq_len
+  dt = cfg.kv_cache_dtype
+  if cfg.attention == "mla":
+    layer = lambda: LatentCache(c=jnp.zeros((batch, s, cfg.kv_lora_rank), dt),
+                                k_rope=jnp.zeros((batch, s, cfg.qk_rope_head_dim), dt))
+  else:
+    shape = (batch, s, cfg.kv_heads, cfg.qk_head_dim)
+    layer = lambda: KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
+  return Cache(layers=tuple(layer() for _ in range(cfg.n_layers)),
+               lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def write(buffer: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Writes new [B, T, ...] into buffer [B, S, ...] at slots lengths[b] .. lengths[b] + T - 1."""
+  update = lambda buf, x, start: jax.lax.dynamic_update_slice_in_dim(buf, x, start, axis=0)
+  return jax.vmap(update)(buffer, new.astype(buffer.dtype), lengths)
+
+
+def cache_bytes_per_token(cache: Cache) -> float:
+  """Bytes per cached token measured from the arrays themselves (all layers, lengths excluded)."""
+  b, s = cache.lengths.shape[0], cache.max_len
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers))
+  return total / (b * s)

@@ -1,0 +1,186 @@
+"""ModelConfig: the one frozen, validated description of a model.
+
+Experiments are ml-collections ConfigDicts (see `configs/`); `ModelConfig.from_mapping` is the one
+place where such a config becomes a `ModelConfig`. Modules only ever see a `ModelConfig`.
+
+Axis letters used across the package (einsums, shape comments, names):
+  B batch, T query length, S key/cache length, D model width, H query heads, G kv heads,
+  K qk head dim (MHA/GQA), N no-position qk dim (MLA), R rope dim, E value head dim (MLA),
+  C kv latent rank, Q query latent rank, F MLP hidden width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+ATTENTION_TYPES = ("mha", "gqa", "mqa", "mla")
+ROPE_LAYOUTS = ("half", "interleaved")
+MLA_IMPLS = ("naive", "absorbed")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every architectural choice of a decoder-only LM. Sizes follow REFERENCE.md's notation."""
+
+  vocab_size: int = 256
+  d_model: int = 256  # D
+  n_layers: int = 4  # L
+  n_heads: int = 4  # H
+  d_ff: int = 0  # F, SwiGLU hidden width; 0 -> round(8/3 * D) up to a multiple of 64
+  attention: str = "mla"  # mha | gqa | mqa | mla
+  max_seq_len: int = 1024  # longest sequence the cache and RoPE tables are built for
+  # MHA / GQA / MQA.
+  n_kv_heads: int = 0  # G; 0 -> H for mha, 1 for mqa (required for gqa)
+  head_dim: int = 0  # K; 0 -> D // H
+  # MLA (DeepSeek-V2 section 2.1).
+  q_lora_rank: int = 0  # Q; 0 -> a single full-rank query projection
+  kv_lora_rank: int = 64  # C
+  qk_nope_head_dim: int = 0  # N; 0 -> D // H
+  qk_rope_head_dim: int = 16  # R
+  v_head_dim: int = 0  # E; 0 -> D // H
+  mla_prefill_impl: str = "naive"  # path for multi-token queries (training, prefill)
+  mla_decode_impl: str = "absorbed"  # path for one-token decode steps
+  # Shared.
+  rope_theta: float = 10000.0
+  rope_layout: str = "half"  # half (Llama/HF) | interleaved (DeepSeek checkpoints)
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  cache_dtype: str = ""  # "" -> same as dtype
+  remat: bool = False  # rematerialise each block in the backward pass
+
+  def __post_init__(self):
+    _validate(self)
+
+  # Derived sizes: resolved once here so modules never repeat the defaulting rules.
+  @property
+  def kv_heads(self) -> int:
+    return {"mha": self.n_heads, "mqa": 1}.get(self.attention, self.n_kv_heads)
+
+  @property
+  def qk_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def nope_dim(self) -> int:
+    return self.qk_nope_head_dim or self.d_model // self.n_heads
+
+  @property
+  def v_dim(self) -> int:
+    return self.v_head_dim or self.d_model // self.n_heads
+
+  @property
+  def mlp_dim(self) -> int:
+    return self.d_ff or -(-(8 * self.d_model // 3) // 64) * 64
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def params_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  @property
+  def kv_cache_dtype(self):
+    return DTYPES[self.cache_dtype or self.dtype]
+
+  @classmethod
+  def from_mapping(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a ModelConfig from a ConfigDict / dict, refusing keys it does not know."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(cfg.items())
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f"model.{unknown[0]}: unknown model field (known: {', '.join(sorted(fields))})")
+    return cls(**values)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def diff(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
+    """Fields whose values differ: {name: (self's, other's)}."""
+    a, b = self.to_dict(), other.to_dict()
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def _fail(field: str, msg: str):
+  raise ValueError(f"model.{field}: {msg}")
+
+
+def _validate(c: ModelConfig) -> None:
+  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+    if not isinstance(getattr(c, name), int) or getattr(c, name) <= 0:
+      _fail(name, f"must be a positive integer, got {getattr(c, name)!r}")
+  for name in ("d_ff", "n_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+               "qk_rope_head_dim", "v_head_dim"):
+    if not isinstance(getattr(c, name), int) or getattr(c, name) < 0:
+      _fail(name, f"must be a non-negative integer, got {getattr(c, name)!r}")
+  if c.attention not in ATTENTION_TYPES:
+    _fail("attention", f"unknown attention type {c.attention!r}; choose one of {ATTENTION_TYPES}")
+  if c.rope_layout not in ROPE_LAYOUTS:
+    _fail("rope_layout", f"{c.rope_layout!r} is not one of {ROPE_LAYOUTS}")
+  for name in ("dtype", "param_dtype"):
+    if getattr(c, name) not in DTYPES:
+      _fail(name, f"{getattr(c, name)!r} is not one of {tuple(DTYPES)}")
+  if c.cache_dtype and c.cache_dtype not in DTYPES:
+    _fail("cache_dtype", f"{c.cache_dtype!r} is not one of {tuple(DTYPES)} (or '' for dtype)")
+  if c.norm_eps <= 0 or c.rope_theta <= 0 or c.init_std <= 0:
+    _fail("norm_eps" if c.norm_eps <= 0 else "rope_theta" if c.rope_theta <= 0 else "init_std",
+          "must be positive")
+  if c.attention == "mla":
+    _validate_mla(c)
+  else:
+    _validate_gqa(c)
+
+
+def _validate_gqa(c: ModelConfig) -> None:
+  if c.attention == "gqa" and c.n_kv_heads == 0:
+    _fail("n_kv_heads", "must be set (> 0) for attention='gqa'")
+  if c.attention == "mha" and c.n_kv_heads not in (0, c.n_heads):
+    _fail("n_kv_heads", f"is {c.n_kv_heads} but attention='mha' uses n_heads={c.n_heads} kv heads")
+  if c.attention == "mqa" and c.n_kv_heads not in (0, 1):
+    _fail("n_kv_heads", f"is {c.n_kv_heads} but attention='mqa' uses 1 kv head")
+  if c.n_heads % c.kv_heads:
+    _fail("n_kv_heads", f"n_heads={c.n_heads} is not divisible by n_kv_heads={c.kv_heads}")
+  if not c.head_dim and c.d_model % c.n_heads:
+    _fail("head_dim", f"d_model={c.d_model} is not divisible by n_heads={c.n_heads}; set head_dim")
+  if c.qk_head_dim % 2:
+    _fail("head_dim", f"RoPE needs an even head dim, got {c.qk_head_dim}")
+
+
+def _validate_mla(c: ModelConfig) -> None:
+  if c.kv_lora_rank == 0:
+    _fail("kv_lora_rank", "must be > 0 for attention='mla' (the latent is what MLA caches)")
+  if c.qk_rope_head_dim == 0 or c.qk_rope_head_dim % 2:
+    _fail("qk_rope_head_dim", f"must be a positive even number, got {c.qk_rope_head_dim}")
+  if not (c.qk_nope_head_dim and c.v_head_dim) and c.d_model % c.n_heads:
+    _fail("qk_nope_head_dim", f"d_model={c.d_model} is not divisible by n_heads={c.n_heads}; "
+          "set qk_nope_head_dim and v_head_dim")
+  # The rope part is the positional half of each head (DeepSeek: R=64 against N=128); a rope part
+  # wider than the per-head content part is almost always a typo for the head dim.
+  if c.qk_rope_head_dim > c.nope_dim:
+    _fail("qk_rope_head_dim", f"{c.qk_rope_head_dim} is larger than the head dim "
+          f"qk_nope_head_dim={c.nope_dim}")
+  for name in ("mla_prefill_impl", "mla_decode_impl"):
+    if getattr(c, name) not in MLA_IMPLS:
+      _fail(name, f"{getattr(c, name)!r} is not one of {MLA_IMPLS}")
+
+
+def kv_cache_bytes_per_token(c: ModelConfig) -> int:
+  """Analytic KV-cache bytes per token, all layers (REFERENCE.md sections 1 and 2).
+
+  GQA family: 2 * G * K * L elements (K and V per kv head); MLA: (C + R) * L elements
+  (the normalised latent plus one shared, already-rotated rope key).
+  """
+  if c.attention == "mla":
+    elements = (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layers
+  else:
+    elements = 2 * c.kv_heads * c.qk_head_dim * c.n_layers
+  return elements * jnp.dtype(c.kv_cache_dtype).itemsize

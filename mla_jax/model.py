@@ -1,0 +1,91 @@
+"""Decoder-only Transformer: pre-norm blocks, attention variant chosen by ModelConfig.attention.
+
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    logits = model(tokens)                       # [B, T] int32 -> [B, T, V] float32
+    logits, cache = model.extend(tokens, cache)  # prefill or decode against an explicit cache
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax import cache as cache_lib
+from mla_jax.attention import GQAttention, MLAttention
+from mla_jax.config import ModelConfig
+from mla_jax.layers import MLP, Embed, RMSNorm, param
+
+
+class Block(nnx.Module):
+  """x + attn(norm(x)), then + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.params_dtype, rngs)
+    self.attn = (MLAttention if cfg.attention == "mla" else GQAttention)(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.params_dtype, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, layer_cache=None, lengths=None):
+    h, layer_cache = self.attn(self.attn_norm(x), positions, layer_cache, lengths)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), layer_cache
+
+
+def _run_block(block: Block, x, positions, layer_cache, lengths):
+  return block(x, positions, layer_cache, lengths)
+
+
+# Recompute each block's activations in the backward pass instead of storing them (cfg.remat).
+_run_block_remat = nnx.remat(_run_block)
+
+
+class Transformer(nnx.Module):
+  """Token embedding, L blocks, final RMSNorm, output head (tied to the embedding by default)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg, rngs)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.params_dtype, rngs)
+    if not cfg.tie_embeddings:
+      self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
+                        cfg.params_dtype)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Full causal forward pass: tokens [B, T] int32 -> logits [B, T, V] float32."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return self._forward(tokens, positions, None)[0]
+
+  def extend(self, tokens: jax.Array, cache: cache_lib.Cache):
+    """Appends tokens [B, T] to the cache (sequence b at slots cache.lengths[b] ...).
+
+    Returns (logits [B, T, V] float32, cache with lengths advanced by T). Used for prefill (T > 1)
+    and decode (T = 1); right-padded prompts are fine: reset `lengths` to the true lengths after.
+    """
+    positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    logits, layers = self._forward(tokens, positions, cache)
+    return logits, cache_lib.Cache(layers=layers, lengths=cache.lengths + tokens.shape[1])
+
+  def _forward(self, tokens, positions, cache):
+    x = self.embed(tokens)
+    run = _run_block_remat if self.cfg.remat else _run_block
+    new_layers = []
+    for i, block in enumerate(self.blocks):
+      layer_cache = None if cache is None else cache.layers[i]
+      x, layer_cache = run(block, x, positions, layer_cache, None if cache is None else cache.lengths)
+      new_layers.append(layer_cache)
+    x = self.final_norm(x)
+    if self.cfg.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum("BTD,DV->BTV", x, self.head[...].astype(self.cfg.compute_dtype))
+    return logits.astype(jnp.float32), tuple(new_layers)
+
+
+def count_params(model: nnx.Module) -> dict[str, int]:
+  """{'total': all parameters, 'non_embedding': without the embedding table and output head}."""
+  state = nnx.state(model, nnx.Param)
+  total = sum(x.size for x in jax.tree.leaves(state))
+  embed = model.embed.table[...].size + (0 if model.cfg.tie_embeddings else model.head[...].size)
+  return {"total": total, "non_embedding": total - embed}
