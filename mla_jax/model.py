@@ -85,7 +85,7 @@ class Transformer(nnx.Module):
 
 def count_params(model: nnx.Module) -> dict[str, int]:
   """{'total': all parameters, 'non_embedding': without the embedding table and output head}."""
-  state = nnx.state(model, nnx.Param)
-  total = sum(x.size for x in jax.tree.leaves(state))
-  embed = model.embed.table[...].size + (0 if model.cfg.tie_embeddings else model.head[...].size)
+  cfg = model.cfg
+  total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))  # works on eval_shape
+  embed = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
   return {"total": total, "non_embedding": total - embed}

@@ -120,7 +120,7 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = DEF
   """NamedSharding for every parameter of an nnx.State (arrays or ShapeDtypeStructs)."""
   def one(v):
     return v.replace(NamedSharding(mesh, logical_to_spec(v.get_metadata()["axes"],
-                                                         v[...].shape, mesh, rules)))
+                                                         v.get_value().shape, mesh, rules)))
   return jax.tree.map(one, state, is_leaf=_is_var)
 
 

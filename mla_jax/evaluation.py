@@ -1,0 +1,65 @@
+"""Validation loss, perplexity and bits per byte over a token split (deterministic, full windows)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mla_jax import data as data_lib
+from mla_jax.step import token_losses
+
+
+def _eval_step(graphdef, params, tokens, weights):
+  """tokens [B, T + 1], weights [B] (0 for padding rows) -> summed losses."""
+  losses = token_losses(graphdef, params, tokens) * weights[:, None]
+  return {"loss_sum": losses.sum(), "count": weights.sum() * losses.shape[1],
+          "loss_by_position": losses.sum(axis=0)}
+
+
+class Evaluator:
+  """Jits one eval step for a model and batch layout, then scores any split with it."""
+
+  def __init__(self, graphdef, param_shardings, mesh, batch_size: int, seq_len: int,
+               rules_batch=("data", "fsdp")):
+    self.batch_size, self.seq_len, self.mesh = batch_size, seq_len, mesh
+    self.tokens_sharding = NamedSharding(mesh, PartitionSpec(rules_batch, None))
+    self.weights_sharding = NamedSharding(mesh, PartitionSpec(rules_batch))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self.step = jax.jit(lambda p, t, w: _eval_step(graphdef, p, t, w),
+                        in_shardings=(param_shardings, self.tokens_sharding, self.weights_sharding),
+                        out_shardings=replicated)
+
+  def _global(self, array: np.ndarray, sharding) -> jax.Array:
+    # Every process holds the same eval batch; each device takes its slice of it.
+    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+  def __call__(self, params, tokens: np.ndarray, bytes_per_token: float,
+               max_tokens: int = 0) -> dict:
+    """Returns val_loss (nats/token), val_ppl, val_bpb, val_tokens, loss_by_position [T]."""
+    total, count, by_pos = 0.0, 0.0, np.zeros(self.seq_len)
+    for batch in data_lib.eval_batches(tokens, self.seq_len, self.batch_size, max_tokens):
+      n = batch.shape[0]
+      weights = np.zeros(self.batch_size, np.float32)
+      weights[:n] = 1.0
+      if n < self.batch_size:  # pad the last batch so every step has one shape (one compile)
+        batch = np.concatenate([batch, np.zeros((self.batch_size - n,) + batch.shape[1:],
+                                                batch.dtype)])
+      out = self.step(params, self._global(batch.astype(np.int32), self.tokens_sharding),
+                      self._global(weights, self.weights_sharding))
+      total += float(out["loss_sum"])
+      count += float(out["count"])
+      by_pos += np.asarray(out["loss_by_position"])
+    loss = total / count
+    windows = count / self.seq_len
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+            "val_bpb": bits_per_byte(loss, bytes_per_token), "val_tokens": int(count),
+            "loss_by_position": (by_pos / windows).tolist()}
+
+
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
+  """bpb = loss / ln 2 * tokens / bytes: tokenizer-independent, so runs with any vocab compare."""
+  return loss_nats_per_token / math.log(2) / bytes_per_token
