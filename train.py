@@ -22,6 +22,27 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.DEFINE_string("platform", None, "Force a JAX platform (cpu, gpu, tpu).")
 
 
+def _parse_flags(argv):
+  """absl's parser, but a bad flag is one line naming it on stderr and exit 1: no traceback (an
+  unknown --config.x key, or an error inside the config file) and no usage hint after it."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    message = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown key>
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    text = str(e.args[0] if e.args else e)
+    key = text.splitlines()[0].strip("'\"") if text else "?"
+    bad = [a.split("=", 1)[0] for a in argv[1:]
+           if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
+    message = (f"flag {bad[0] if bad else '--config'}: unknown config field {key!r}"
+               + "".join(f"; {l.strip()}" for l in text.splitlines()[1:] if l.strip()))
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
 def main(argv):
   del argv
   import jax
@@ -37,7 +58,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     summary = trainer.train(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, trainer.NonFiniteError) as e:
+  except (ValueError, OSError, trainer.NonFiniteError, trainer.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   final = summary["final"] or {}
@@ -47,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

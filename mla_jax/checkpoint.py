@@ -5,7 +5,14 @@
                                   meta (step, val_loss, tokens seen)
 
 Keeps the latest N steps plus the best by validation loss. A step that fails to restore (a file
-truncated or deleted) is skipped with a warning in favour of the previous one; nothing is deleted.
+truncated or deleted) is skipped with a warning in favour of the previous one and, once an earlier
+step restored, renamed to `checkpoints/<step>.corrupt-<time>` (kept for inspection, invisible to
+orbax: it neither counts towards the latest N nor blocks re-saving that step); nothing is deleted.
+If steps exist but none restores, `CheckpointError` is raised rather than starting from scratch.
+
+A save that fails (disk full, I/O error; synchronously or in orbax's background thread) is logged
+as an error and recorded in `failed_saves`; training goes on and the next save is a retry. orbax
+deletes old steps only after a new one is committed, so a failed save never costs a good one.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import grain
@@ -24,6 +32,10 @@ from mla_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint could be restored, or the final one could not be saved."""
 
 
 def _abstract(tree, shardings):
@@ -42,7 +54,12 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=async_save, create=True))
+            preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
+            # Retention is the policy's alone; best_fn only makes orbax write each step's metrics
+            # to disk and read them back on restart, so a resumed run still knows its best step.
+            best_fn=lambda m: m["val_loss"], best_mode="min"))
+    self.failed_saves: dict[int, str] = {}  # step -> error, for saves that did not complete
+    self._pending: int | None = None  # step of the save in flight, if any
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -54,7 +71,21 @@ class Checkpointer:
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     metrics = {"val_loss": meta["val_loss"]} if meta.get("val_loss") is not None else None
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    self.wait()  # orbax waits for the previous save anyway; this attributes its errors to it
+    self._pending = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    except Exception as e:  # disk full, permissions, I/O: keep training, retry at the next save
+      self._failed(step, e)
+
+  def _failed(self, step: int, e: BaseException) -> None:
+    self._pending = None
+    self.failed_saves[step] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+    good = [s for s in self.steps() if s != step and s not in self.failed_saves]
+    log.error("checkpoint step %d could not be saved (%s); training goes on and the next "
+              "checkpoint retries; the last saved one is %s", step, self.failed_saves[step],
+              f"step {good[-1]}" if good else "none")
+    self.manager.reload()  # forget the half-written step; it is an orbax tmp dir on disk
 
   def restore(self, step: int, params_target, opt_target=None, data_iter=None):
     """Restores one step: (params, opt or None, meta). Targets are ShapeDtypeStruct trees."""
@@ -67,14 +98,44 @@ class Checkpointer:
     return out["params"], out.get("opt") if opt_target is not None else None, out["meta"]
 
   def restore_latest_good(self, params_target, opt_target=None, data_iter=None):
-    """Newest step that restores cleanly -> (step, params, opt, meta), or None if there is none."""
+    """Newest step that restores cleanly -> (step, params, opt, meta), or None if there is none.
+
+    Unreadable steps newer than the one restored are renamed to `<step>.corrupt-<time>`; if steps
+    exist and none restores, raises CheckpointError (starting over would hide the problem).
+    """
+    damaged = []
     for step in reversed(self.steps()):
       try:
-        return (step,) + self.restore(step, params_target, opt_target, data_iter)
+        restored = (step,) + self.restore(step, params_target, opt_target, data_iter)
       except Exception as e:  # a damaged step: any orbax / tensorstore / json error
-        log.warning("checkpoint step %d is unreadable (%s: %s); falling back to an earlier one",
-                    step, type(e).__name__, str(e).splitlines()[0][:200])
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        damaged.append((step, reason))
+        log.warning("checkpoint step %d in %s is unreadable (%s); falling back to an earlier one",
+                    step, self.directory, reason)
+        continue
+      for bad, _ in damaged:
+        self._move_aside(bad)
+      if damaged:
+        self.manager.reload()
+      return restored
+    if damaged:
+      raise CheckpointError(
+          f"{self.directory}: no checkpoint could be restored ("
+          + "; ".join(f"step {s}: {r}" for s, r in damaged) + "); fix or move that directory "
+          "aside to start from scratch")
     return None
+
+  def _move_aside(self, step: int) -> None:
+    """Renames a damaged step so orbax ignores it; the files stay for inspection."""
+    if jax.process_index() == 0:
+      src = os.path.join(self.directory, str(step))
+      dst = f"{src}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+      while os.path.exists(dst):
+        dst += "_"
+      os.replace(src, dst)
+      log.warning("moved the unreadable checkpoint step %d aside to %s", step, dst)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"mla_jax_move_aside_{step}")
 
   def meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -91,9 +152,21 @@ class Checkpointer:
     return min(scored)[1] if scored else None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; a failure is logged and recorded, not raised."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # the background write of the pending step failed
+      if self._pending is None:
+        raise
+      self._failed(self._pending, e)
+    self._pending = None
+
+  def last_save_failed(self, step: int) -> str | None:
+    """The error of step's save if it failed (call after wait()), else None."""
+    return self.failed_saves.get(step)
 
   def close(self) -> None:
+    self.wait()
     self.manager.close()
 
 

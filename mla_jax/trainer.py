@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mla_jax import data as data_lib
 from mla_jax import sharding as shd
-from mla_jax.checkpoint import CONFIG_FILE, Checkpointer, _abstract
+from mla_jax.checkpoint import CONFIG_FILE, Checkpointer, CheckpointError, _abstract
 from mla_jax.config import ModelConfig
 from mla_jax.evaluation import Evaluator
 from mla_jax.logger import MetricsLogger
@@ -98,18 +98,46 @@ def resolve_model_config(config, vocab_size: int) -> ModelConfig:
 
 
 def check_workdir(workdir: str, config_dict: dict, model_cfg: ModelConfig, allow_change: bool):
-  """Refuses to resume a workdir whose saved model differs, naming every differing field."""
+  """Refuses to resume a workdir whose saved model differs, naming every differing field.
+
+  With allow_change, a change is accepted only if every parameter keeps its shape (e.g. dtype,
+  mla_*_impl, rope_layout, norm_eps, remat): the checkpoint then restores into the new model.
+  The change is appended to config_dict['config_changes'] (the history config.json keeps).
+  """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
   with open(path) as f:
     saved = json.load(f)
-  diff = ModelConfig.from_mapping(saved["model"]).diff(model_cfg)
-  if diff and not allow_change:
-    fields = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, a, b in
-                       ((k, *v) for k, v in sorted(diff.items())))
+  config_dict["config_changes"] = list(saved.get("config_changes", []))
+  old_cfg = ModelConfig.from_mapping(saved["model"])
+  diff = old_cfg.diff(model_cfg)
+  if not diff:
+    return
+  fields = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, a, b in
+                     ((k, *v) for k, v in sorted(diff.items())))
+  if not allow_change:
     raise ValueError(f"{path}: workdir holds a different model ({fields}); use a new --workdir, "
                      "or set --config.train.allow_config_change=True to fine-tune from it")
+  old_shapes, new_shapes = _param_shapes(old_cfg), _param_shapes(model_cfg)
+  bad = [f"{k}: {old_shapes.get(k)} -> {new_shapes.get(k)}"
+         for k in sorted(set(old_shapes) | set(new_shapes)) if old_shapes.get(k) != new_shapes.get(k)]
+  if bad:
+    raise ValueError(
+        f"train.allow_config_change: the change ({fields}) changes parameter shapes "
+        f"({'; '.join(bad[:4])}{'; ...' if len(bad) > 4 else ''}), so the checkpoint in "
+        f"{workdir} cannot be restored into it; only shape-preserving changes can continue a "
+        "workdir: use a new --workdir")
+  log.warning("train.allow_config_change: continuing %s with a changed model (%s)", workdir, fields)
+  config_dict["config_changes"].append(
+      {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+       "model": {k: [a, b] for k, (a, b) in sorted(diff.items())}})
+
+
+def _param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+  """'path/to/param' -> shape for every array of the model's state (no allocation)."""
+  state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[1]
+  return {"/".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
 
 
 # State ------------------------------------------------------------------------------------------
@@ -258,6 +286,12 @@ def train(config, workdir: str) -> dict[str, Any]:
     ckpt.close()
     logger.close()
     stop.restore()
+  if ckpt.last_save_failed(step):  # earlier failed saves were retried; the last one must hold
+    good = [s for s in ckpt.steps() if s not in ckpt.failed_saves]
+    raise CheckpointError(
+        f"the final checkpoint (step {step}) could not be saved ({ckpt.failed_saves[step]}); "
+        f"the last saved one is {f'step {good[-1]}' if good else 'none'} in {ckpt.directory}; "
+        "fix the disk and re-run the same command to resume from it")
   return {"step": step, "stopped_by": stop.requested, "final": val, "params": n_params,
           "workdir": workdir, "model": model_cfg}
 
