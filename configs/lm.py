@@ -19,7 +19,7 @@ Sizes (width D, layers L, heads H; MLA latent C = D/2, rope R = head_dim/2 unles
   350m   D=1024 L=24 H=16 GPU/TPU
 """
 
-from ml_collections import ConfigDict, config_dict
+from ml_collections import ConfigDict
 
 # size: (d_model, n_layers, n_heads, seq_len, global_batch, steps, lr)
 SIZES = {

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mla_jax import data as data_lib
+from mla_jax import sharding as shd
 from mla_jax.step import token_losses
 
 
@@ -24,10 +24,10 @@ class Evaluator:
   """Jits one eval step for a model and batch layout, then scores any split with it."""
 
   def __init__(self, graphdef, param_shardings, mesh, batch_size: int, seq_len: int,
-               rules_batch=("data", "fsdp")):
+               rules=shd.DEFAULT_RULES):
     self.batch_size, self.seq_len, self.mesh = batch_size, seq_len, mesh
-    self.tokens_sharding = NamedSharding(mesh, PartitionSpec(rules_batch, None))
-    self.weights_sharding = NamedSharding(mesh, PartitionSpec(rules_batch))
+    self.tokens_sharding = shd.batch_sharding(mesh, rules)
+    self.weights_sharding = shd.batch_sharding(mesh, rules, ndim=1)
     replicated = NamedSharding(mesh, PartitionSpec())
     self.step = jax.jit(lambda p, t, w: _eval_step(graphdef, p, t, w),
                         in_shardings=(param_shardings, self.tokens_sharding, self.weights_sharding),
@@ -63,3 +63,35 @@ class Evaluator:
 def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
   """bpb = loss / ln 2 * tokens / bytes: tokenizer-independent, so runs with any vocab compare."""
   return loss_nats_per_token / math.log(2) / bytes_per_token
+
+
+def evaluate_model(model, tokens: np.ndarray, bytes_per_token: float, seq_len: int,
+                   batch_size: int, max_tokens: int = 0) -> dict:
+  """Evaluator over all local devices for a model that lives anywhere (e.g. a restored one).
+
+  Parameters are replicated and the batch is split over every device ('data' axis); batch_size
+  is rounded up to a multiple of the device count. Same results as the trainer's evaluation.
+  """
+  from flax import nnx  # local: the trainer imports this module and needs nothing more
+
+  from mla_jax import sharding as shd
+
+  mesh = shd.make_mesh({"data": -1})
+  n = mesh.devices.size
+  batch_size = -(-batch_size // n) * n
+  graphdef, params = nnx.split(model)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  param_sh = jax.tree.map(lambda v: v.replace(replicated), params,
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+  params = jax.device_put(params, param_sh)
+  evaluator = Evaluator(graphdef, param_sh, mesh, batch_size, seq_len, rules_batch="data")
+  return evaluator(params, tokens, bytes_per_token, max_tokens)
+
+
+def position_buckets(loss_by_position, n_buckets: int = 8) -> list[dict]:
+  """Mean loss over n_buckets equal slices of the window: [{'start', 'end', 'loss'}], 0-based
+  positions of the predicted token's input, end exclusive."""
+  losses = np.asarray(loss_by_position, np.float64)
+  edges = np.linspace(0, len(losses), min(n_buckets, len(losses)) + 1).round().astype(int)
+  return [{"start": int(a), "end": int(b), "loss": float(losses[a:b].mean())}
+          for a, b in zip(edges[:-1], edges[1:])]

@@ -139,14 +139,15 @@ def cache_shardings(cache, mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES)
   return tree_shardings(cache, cache.axes(), mesh, rules)
 
 
-def batch_sharding(mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES) -> NamedSharding:
-  """Token batches [B, T]: batch split over the data-parallel axes, length replicated."""
-  target = rules["batch"]
-  return NamedSharding(mesh, PartitionSpec(target, None))
+def batch_sharding(mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES,
+                   ndim: int = 2) -> NamedSharding:
+  """Batches [B, ...]: B split over the data-parallel axes, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(rules["batch"], *([None] * (ndim - 1))))
 
 
-def data_parallel_size(mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES) -> int:
-  """How many ways the batch axis is split."""
+def data_parallel_size(mesh_sizes: Mapping[str, int],
+                       rules: Mapping[str, Any] = DEFAULT_RULES) -> int:
+  """How many ways the batch axis is split, from the mesh's axis sizes."""
   target = rules["batch"]
   targets = (target,) if isinstance(target, str) else tuple(target or ())
-  return math.prod(mesh.shape[t] for t in targets)
+  return math.prod(mesh_sizes[t] for t in targets)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -76,8 +75,7 @@ def check_config(config) -> tuple[dict[str, int], dict[str, Any]]:
   mesh = {a: config.mesh[a] for a in shd.MESH_AXES}
   sizes = shd.resolve_mesh_shape(mesh, jax.device_count())
   rules = parse_rules(config.mesh.rules)
-  targets = rules["batch"] if isinstance(rules["batch"], tuple) else (rules["batch"],)
-  dp = math.prod(sizes[a] for a in targets if a)
+  dp = shd.data_parallel_size(sizes, rules)
   if t.global_batch % (dp * t.microbatches):
     raise ValueError(f"train.global_batch: {t.global_batch} is not divisible by data-parallel "
                      f"size {dp} x train.microbatches {t.microbatches}")
@@ -231,12 +229,12 @@ def train(config, workdir: str) -> dict[str, Any]:
     state = TrainState(params=params, **opt)
   start = int(state.step)
 
-  batch_sh = NamedSharding(mesh, PartitionSpec(rules["batch"], None))
+  batch_sh = shd.batch_sharding(mesh, rules)
   step_fn = jax.jit(make_train_step(graphdef, tx, t.microbatches),
                     in_shardings=(state_sh, batch_sh),
                     out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
                     donate_argnums=0)
-  evaluator = Evaluator(graphdef, param_sh, mesh, t.global_batch, d.seq_len, rules["batch"])
+  evaluator = Evaluator(graphdef, param_sh, mesh, t.global_batch, d.seq_len, rules)
 
   n_params = count_params(nnx.merge(graphdef, abstract_params))
   flops_per_token = train_flops_per_token(model_cfg, n_params["total"], d.seq_len)
