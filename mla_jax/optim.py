@@ -19,7 +19,8 @@ def learning_rate_schedule(lr: float, steps: int, warmup_steps: int, schedule: s
     raise ValueError(f"optim.schedule: {schedule!r} is not one of {SCHEDULES}")
   if warmup_steps >= steps and steps > 0:
     raise ValueError(f"optim.warmup_steps: {warmup_steps} must be smaller than train.steps={steps}")
-  warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+  # Starts at lr / (warmup + 1), not 0, so the first update is not wasted (as nanoGPT).
+  warmup = optax.linear_schedule(lr / (warmup_steps + 1), lr, max(warmup_steps, 1))
   rest = max(steps - warmup_steps, 1)
   if schedule == "cosine":
     after = optax.cosine_decay_schedule(lr, rest, alpha=min_lr_ratio)
