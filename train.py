@@ -6,6 +6,7 @@ Multi-host (GPU clusters): add --coordinator_address=HOST:PORT --num_processes=N
 on every process (TPU pods need no flags: jax.distributed finds its peers).
 """
 
+import logging as pylogging
 import os
 import sys
 
@@ -60,6 +61,9 @@ def main(argv):
     summary = trainer.train(FLAGS.config, FLAGS.workdir)
   except (ValueError, OSError, trainer.NonFiniteError, trainer.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
+    # A failed async save leaves asyncio futures whose 'exception never retrieved' reports would
+    # come after this line at exit; the failure is reported above.
+    pylogging.getLogger("asyncio").disabled = True
     sys.exit(1)
   final = summary["final"] or {}
   if jax.process_index() == 0 and final:

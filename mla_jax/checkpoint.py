@@ -38,6 +38,13 @@ class CheckpointError(RuntimeError):
   """No checkpoint could be restored, or the final one could not be saved."""
 
 
+def _first_line(e: BaseException, n: int) -> str:
+  """An error's first line, its middle elided past n characters (the cause is often at the end,
+  e.g. tensorstore's '...: File too large')."""
+  line = (str(e).strip().splitlines() or [""])[0]
+  return line if len(line) <= n else f"{line[:n // 2 - 3]} ... {line[-(n // 2 - 2):]}"
+
+
 def _abstract(tree, shardings):
   """ShapeDtypeStructs carrying shardings: the restore target orbax needs under a mesh."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
@@ -80,7 +87,7 @@ class Checkpointer:
 
   def _failed(self, step: int, e: BaseException) -> None:
     self._pending = None
-    self.failed_saves[step] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+    self.failed_saves[step] = f"{type(e).__name__}: {_first_line(e, 300)}"
     good = [s for s in self.steps() if s != step and s not in self.failed_saves]
     log.error("checkpoint step %d could not be saved (%s); training goes on and the next "
               "checkpoint retries; the last saved one is %s", step, self.failed_saves[step],
@@ -108,7 +115,7 @@ class Checkpointer:
       try:
         restored = (step,) + self.restore(step, params_target, opt_target, data_iter)
       except Exception as e:  # a damaged step: any orbax / tensorstore / json error
-        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        reason = f"{type(e).__name__}: {_first_line(e, 200)}"
         damaged.append((step, reason))
         log.warning("checkpoint step %d in %s is unreadable (%s); falling back to an earlier one",
                     step, self.directory, reason)

@@ -122,8 +122,9 @@ def check_workdir(workdir: str, config_dict: dict, model_cfg: ModelConfig, allow
          for k in sorted(set(old_shapes) | set(new_shapes)) if old_shapes.get(k) != new_shapes.get(k)]
   if bad:
     raise ValueError(
-        f"train.allow_config_change: the change ({fields}) changes parameter shapes "
-        f"({'; '.join(bad[:4])}{'; ...' if len(bad) > 4 else ''}), so the checkpoint in "
+        f"train.allow_config_change: the change ({fields}) changes the shape of {len(bad)} "
+        f"parameter arrays ({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}), so the "
+        f"checkpoint in "
         f"{workdir} cannot be restored into it; only shape-preserving changes can continue a "
         "workdir: use a new --workdir")
   log.warning("train.allow_config_change: continuing %s with a changed model (%s)", workdir, fields)
@@ -227,6 +228,14 @@ def train(config, workdir: str) -> dict[str, Any]:
   else:
     _, params, opt, _ = restored
     state = TrainState(params=params, **opt)
+    if t.on_nonfinite == "stop" and int(state.skipped):
+      # Saved between a skipped update and the log step that stopped on it: its parameters are
+      # finite; count afresh, or this run would stop at once on the old skip.
+      log.warning("checkpoint step %d records %d skipped non-finite update(s) (first at step %d);"
+                  " train.on_nonfinite=stop counts from this run on", int(state.step),
+                  int(state.skipped), int(state.first_bad_step) + 1)
+      state = state.replace(skipped=jax.device_put(np.int32(0), state_sh.skipped),
+                            first_bad_step=jax.device_put(np.int32(-1), state_sh.first_bad_step))
   start = int(state.step)
 
   batch_sh = shd.batch_sharding(mesh, rules)
