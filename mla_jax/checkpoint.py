@@ -31,6 +31,16 @@ from flax import nnx
 from mla_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+
+class _NoMetricsNoise(logging.Filter):
+  """orbax warns on every save without metrics once best_fn is set; most of ours have none."""
+
+  def filter(self, record):
+    return "tracked_metric" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMetricsNoise())
 CONFIG_FILE = "config.json"
 
 

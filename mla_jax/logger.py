@@ -22,7 +22,8 @@ class MetricsLogger:
     self.path = os.path.join(workdir, METRICS_FILE)
     truncate_after(self.path, start_step)  # a resumed run re-logs the steps after its checkpoint
     self.file = open(self.path, "a")
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    # purge_step hides events a dead run wrote after its last checkpoint, like truncate_after.
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          mininterval=1.0)
 
