@@ -22,6 +22,9 @@ from mla_jax.model import Transformer, count_params
 gen = importlib.import_module("mla_jax.generate")
 
 ATOL = 1e-5
+# Test-side jits skip LLVM's optimisation passes: CPU compiles take ~2-3x less time and the
+# numbers do not depend on them (the library's own jits, decode_step_jit and generate, keep theirs).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def tiny(**kw) -> ModelConfig:
@@ -31,6 +34,23 @@ def tiny(**kw) -> ModelConfig:
     base.update(kv_lora_rank=16, qk_rope_head_dim=8)
   base.update(kw)
   return ModelConfig(**base)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  """A Transformer with N(0, 0.2^2) weights and norm scales 1 + N(0, 0.2^2), drawn with numpy in
+  a fixed parameter order (so configs with the same parameter shapes get the same weights). Skips
+  the eager per-shape compiles of jax.random in the real constructor, which dominate test time;
+  tests of the constructor itself build with `Transformer(cfg, rngs=...)`."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def fill(v):
+    shape = v.get_value().shape
+    base = 1.0 if v.get_metadata()["axes"] == ("norm",) else 0.0
+    return v.replace(jnp.asarray(base + 0.2 * rng.standard_normal(shape), cfg.params_dtype))
+
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  return nnx.merge(graphdef, jax.tree.map(fill, state, is_leaf=is_var))
 
 
 VARIANTS = {
@@ -43,45 +63,48 @@ VARIANTS = {
 }
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
 def _forward(graphdef, state, tokens):
   return nnx.merge(graphdef, state)(tokens)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _extend(graphdef, state, tokens, cache):
-  return nnx.merge(graphdef, state).extend(tokens, cache)
 
 
 def forward(model, tokens):
   return _forward(*nnx.split(model), tokens)
 
 
-def extend(model, tokens, cache):
-  return _extend(*nnx.split(model), tokens, cache)
-
-
-def prefill_then_decode(model, tokens, n_prefill):
-  """Logits [B, T, V] from a prefill of n_prefill tokens then one `extend` per remaining token."""
+@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
+def _full_and_incremental(graphdef, state, tokens, n_prefill):
+  model = nnx.merge(graphdef, state)
   cache = cache_lib.init_cache(model.cfg, tokens.shape[0])
-  logits, cache = extend(model, tokens[:, :n_prefill], cache)
-  steps = [logits]
-  for t in range(n_prefill, tokens.shape[1]):
-    logits, cache = extend(model, tokens[:, t:t + 1], cache)
-    steps.append(logits)
-  return jnp.concatenate(steps, axis=1), cache
+  prefill, cache = model.extend(tokens[:, :n_prefill], cache)
+
+  def step(cache, tok):  # one `extend` per remaining token
+    logits, cache = model.extend(tok[:, None], cache)
+    return cache, logits[:, 0]
+
+  cache, steps = jax.lax.scan(step, cache, tokens[:, n_prefill:].T)
+  return model(tokens), jnp.concatenate([prefill, steps.transpose(1, 0, 2)], axis=1), cache
 
 
-# Cached decode == full forward ----------------------------------------------------------------------
+def full_and_incremental(model, tokens, n_prefill):
+  """(full forward logits, logits from a prefill of n_prefill tokens then token-by-token decode
+  with `model.extend` into `init_cache`, the final cache); one compile per config."""
+  return _full_and_incremental(*nnx.split(model), tokens, n_prefill)
+
+
+# Cached decode == full forward --------------------------------------------------------------------
+
+
+# Two layers where it matters most (each layer must read and write its own cache), one elsewhere.
+DECODE_LAYERS = {"mha": 2, "mla_q12_interleaved": 2}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_prefill_and_decode_match_full_forward(variant):
-  cfg = tiny(**VARIANTS[variant])
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  cfg = tiny(**VARIANTS[variant], n_layers=DECODE_LAYERS.get(variant, 1))
+  model = random_model(cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
-  full = forward(model, tokens)
-  incremental, cache = prefill_then_decode(model, tokens, n_prefill=4)
+  full, incremental, cache = full_and_incremental(model, tokens, n_prefill=4)
   np.testing.assert_allclose(incremental, full, atol=ATOL)
   np.testing.assert_array_equal(cache.lengths, [10, 10])
   # Logits are not flat: a cache that ignored history would not pass by accident.
@@ -95,18 +118,17 @@ def test_mla_full_decode_absorbed_equals_naive(q_lora_rank):
   naive_cfg = tiny(attention="mla", q_lora_rank=q_lora_rank, mla_decode_impl="naive")
   absorbed_cfg = tiny(attention="mla", q_lora_rank=q_lora_rank, mla_decode_impl="absorbed")
   assert naive_cfg.diff(absorbed_cfg) == {"mla_decode_impl": ("naive", "absorbed")}
-  naive = Transformer(naive_cfg, rngs=nnx.Rngs(3))
-  absorbed = Transformer(absorbed_cfg, rngs=nnx.Rngs(3))
+  naive, absorbed = random_model(naive_cfg, seed=3), random_model(absorbed_cfg, seed=3)
   tokens = jax.random.randint(jax.random.key(4), (2, 10), 0, 64)
-  out_naive, cache_naive = prefill_then_decode(naive, tokens, n_prefill=3)
-  out_absorbed, cache_absorbed = prefill_then_decode(absorbed, tokens, n_prefill=3)
+  full, out_naive, cache_naive = full_and_incremental(naive, tokens, n_prefill=3)
+  _, out_absorbed, cache_absorbed = full_and_incremental(absorbed, tokens, n_prefill=3)
   np.testing.assert_allclose(out_absorbed, out_naive, atol=ATOL)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=ATOL), cache_naive,
                cache_absorbed)
-  np.testing.assert_allclose(out_absorbed, forward(naive, tokens), atol=ATOL)
+  np.testing.assert_allclose(out_absorbed, full, atol=ATOL)
 
 
-# Cache sizes ----------------------------------------------------------------------------------------
+# Cache sizes --------------------------------------------------------------------------------------
 
 # Hand counts for tiny(): L = 2, H = 4, head dim K = 8, MLA C = 16, R = 8; 4 bytes (float32).
 HAND_BYTES_PER_TOKEN = {
@@ -123,9 +145,13 @@ def test_cache_bytes_per_token(variant, cache_dtype):
   cfg = tiny(**VARIANTS[variant], cache_dtype=cache_dtype)
   itemsize_ratio = 2 if cache_dtype == "bfloat16" else 1
   assert kv_cache_bytes_per_token(cfg) == HAND_BYTES_PER_TOKEN[variant] // itemsize_ratio
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
   cache = cache_lib.init_cache(cfg, 3, 12)
-  _, cache = extend(model, jnp.ones((3, 5), jnp.int32), cache)  # a partly filled cache
+  # Fill 5 slots per row the way the model writes them (float32 values cast to the cache dtype);
+  # the float32 cache filled by real decoding is checked in test_prefill_and_decode_match_full...
+  lengths = jnp.array([0, 2, 4], jnp.int32)
+  fill = lambda buf: cache_lib.write(buf, jnp.ones((3, 5) + buf.shape[2:], jnp.float32), lengths)
+  cache = cache.replace(layers=jax.tree.map(fill, cache.layers), lengths=lengths + 5)
+  assert float(jax.tree.leaves(cache.layers)[0][2, 8].sum()) > 0
   want_dtype = jnp.bfloat16 if cache_dtype else jnp.float32
   assert all(x.dtype == want_dtype for x in jax.tree.leaves(cache.layers))
   assert cache_lib.cache_bytes_per_token(cache) == kv_cache_bytes_per_token(cfg)
@@ -147,12 +173,12 @@ def test_mla_cache_holds_only_latent_and_shared_rope_key():
   assert per_token < cfg.n_heads * (cfg.nope_dim + cfg.v_dim) * cfg.n_layers
 
 
-# Tracing --------------------------------------------------------------------------------------------
+# Tracing ------------------------------------------------------------------------------------------
 
 
 def test_decode_step_is_traced_once_across_steps():
   cfg = tiny(attention="gqa", n_kv_heads=2, max_seq_len=15)  # a config no other test traces
-  model = Transformer(cfg, rngs=nnx.Rngs(5))
+  model = random_model(cfg, seed=5)
   graphdef, state = nnx.split(model)
   tokens = jax.random.randint(jax.random.key(6), (3, 13), 0, 64)
   cache = cache_lib.init_cache(cfg, 3)
@@ -166,7 +192,7 @@ def test_decode_step_is_traced_once_across_steps():
   np.testing.assert_allclose(jnp.stack(steps, axis=1), forward(model, tokens), atol=ATOL)
 
 
-# Generation -----------------------------------------------------------------------------------------
+# Generation ---------------------------------------------------------------------------------------
 
 PROMPTS = [[5, 9, 2, 33, 7], [12, 40]]
 NEW = 8
@@ -174,7 +200,7 @@ NEW = 8
 
 @pytest.fixture(scope="module")
 def gen_model():
-  return Transformer(tiny(attention="mla"), rngs=nnx.Rngs(11))
+  return random_model(tiny(attention="mla"), seed=11)
 
 
 def reference_continuation(model, prompt, n, pick=None):
@@ -249,7 +275,7 @@ def test_generate_rejects_too_long_requests(gen_model):
     gen.generate(gen_model, [[1, 64]], max_new_tokens=2)
 
 
-# Config validation ----------------------------------------------------------------------------------
+# Config validation --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -280,7 +306,7 @@ def test_from_mapping():
   assert "\n" not in str(err.value)
 
 
-# Parameter counts -----------------------------------------------------------------------------------
+# Parameter counts ---------------------------------------------------------------------------------
 
 
 def test_count_params_matches_hand_count():
@@ -290,9 +316,9 @@ def test_count_params_matches_hand_count():
   per_layer = 2 * 32 + 4 * 32 * 4 * 8 + 3 * 32 * 128  # 2 norms, wq/wk/wv/wo, gate/up/down
   total = 64 * 32 + 2 * per_layer + 32  # embedding, layers, final norm
   assert total == 34976
-  counts = count_params(Transformer(cfg, rngs=nnx.Rngs(0)))
+  counts = count_params(random_model(cfg))
   assert counts == {"total": 34976, "non_embedding": 34976 - 64 * 32}
-  untied = count_params(Transformer(tiny(attention="mha", tie_embeddings=False), rngs=nnx.Rngs(0)))
+  untied = count_params(random_model(tiny(attention="mha", tie_embeddings=False)))
   assert untied == {"total": 34976 + 32 * 64, "non_embedding": 34976 - 64 * 32}
 
 
@@ -300,6 +326,6 @@ def test_count_params_mla_attention():
   # Per layer: wq D*H*(N+R) + wkv_a D*(C+R) + kv_norm C + wkv_b C*H*(N+E) + wo H*E*D.
   mla_attn = 32 * 4 * 16 + 32 * 24 + 16 + 16 * 4 * 16 + 4 * 8 * 32
   mha_attn = 4 * 32 * 4 * 8
-  mla = count_params(Transformer(tiny(attention="mla"), rngs=nnx.Rngs(0)))
-  mha = count_params(Transformer(tiny(attention="mha"), rngs=nnx.Rngs(0)))
+  mla = count_params(random_model(tiny(attention="mla")))
+  mha = count_params(random_model(tiny(attention="mha")))
   assert mla["total"] - mha["total"] == 2 * (mla_attn - mha_attn)

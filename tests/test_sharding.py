@@ -19,6 +19,11 @@ from mla_jax.config import ModelConfig
 from mla_jax.model import Transformer
 
 
+# Test-side jits skip LLVM's optimisation passes: CPU compiles on the 8-device mesh take ~3x less
+# time; shardings and numbers do not depend on them.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
 def tiny(**kw) -> ModelConfig:
   """D 32, H 4, head dim 8, F 128, V 64; MLA: C 16, R 8, Q 8."""
   base = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16, init_std=0.2)
@@ -28,20 +33,28 @@ def tiny(**kw) -> ModelConfig:
   return ModelConfig(**base)
 
 
+CONFIGS = {"gqa2": dict(attention="gqa", n_kv_heads=2), "mqa": dict(attention="mqa"),
+           "mla_q8": dict(attention="mla", q_lora_rank=8)}
+
+
 @pytest.fixture(scope="module")
 def mesh():
   assert jax.device_count() == 8, "conftest.py should give 8 fake CPU devices"
   return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 
 
-def build_sharded(cfg, mesh):
-  """Abstract model -> shardings -> real params created already sharded. Returns (graphdef,
-  state, the shardings tree)."""
+@functools.lru_cache(maxsize=None)
+def build_sharded(variant):
+  """Abstract model -> shardings -> real params created already sharded, on the data=2, fsdp=2,
+  tensor=2 mesh. Returns (mesh, graphdef, state, the shardings tree); cached per variant."""
+  cfg = tiny(**CONFIGS[variant])
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   shardings = sharding.param_shardings(abstract_state, mesh)
-  init = jax.jit(lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[1], out_shardings=shardings)
-  return graphdef, init(), shardings
+  init = jax.jit(lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[1], out_shardings=shardings,
+                 compiler_options=FAST_COMPILE)
+  return mesh, graphdef, init(), shardings
 
 
 def rules_spec(axes, shape, mesh):
@@ -104,13 +117,11 @@ EXPECTED = {
                "blocks.0.attn.kv_norm.scale": (None,),
                "blocks.0.attn.wkv_b": (None, "tensor", None)},  # (kv_latent, heads, head_dim)
 }
-CONFIGS = {"gqa2": dict(attention="gqa", n_kv_heads=2), "mqa": dict(attention="mqa"),
-           "mla_q8": dict(attention="mla", q_lora_rank=8)}
 
 
 @pytest.mark.parametrize("variant", list(CONFIGS))
-def test_params_are_born_sharded_as_the_rules_say(mesh, variant):
-  _, state, shardings = build_sharded(tiny(**CONFIGS[variant]), mesh)
+def test_params_are_born_sharded_as_the_rules_say(variant):
+  mesh, _, state, shardings = build_sharded(variant)
   params = params_by_name(state)
   assert set(EXPECTED[variant]) <= set(params)
   for name, want in EXPECTED[variant].items():
@@ -124,37 +135,34 @@ def test_params_are_born_sharded_as_the_rules_say(mesh, variant):
     assert var.get_value().is_equivalent_to(params[name][...].sharding, params[name][...].ndim)
 
 
-def test_sharded_forward_equals_unsharded(mesh):
-  cfg = tiny(attention="gqa", n_kv_heads=2, n_layers=2)
-  graphdef, state, _ = build_sharded(cfg, mesh)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+def _forward_and_decode(graphdef, state, tokens, cache):
+  """Full forward logits, and logits of a prefill of all but the last token + one decode step."""
+  model = nnx.merge(graphdef, state)
+  prefill, cache = model.extend(tokens[:, :-1], cache)
+  last, cache = model.extend(tokens[:, -1:], cache)
+  return model(tokens), jnp.concatenate([prefill, last], axis=1)
+
+
+@pytest.mark.parametrize("variant", ["gqa2", "mla_q8"])
+def test_sharded_forward_and_decode_equal_unsharded(variant):
+  mesh, graphdef, state, _ = build_sharded(variant)
+  cfg = tiny(**CONFIGS[variant])
   tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, cfg.vocab_size)
-  forward = jax.jit(lambda st, tok: nnx.merge(graphdef, st)(tok))
-  sharded = forward(state, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+  empty = cache_lib.init_cache(cfg, 4, 8)
+  sharded = _forward_and_decode(graphdef, state,
+                                jax.device_put(tokens, sharding.batch_sharding(mesh)),
+                                jax.device_put(empty, sharding.cache_shardings(empty, mesh)))
   local_state = jax.device_put(state, jax.devices()[0])
   assert len(jax.tree.leaves(local_state)[0].sharding.device_set) == 1
-  local = forward(local_state, tokens)
-  np.testing.assert_allclose(sharded, local, atol=1e-5)
-  assert float(jnp.std(local)) > 0.3
+  local = _forward_and_decode(graphdef, local_state, tokens, empty)
+  for a, b in zip(sharded, local):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  np.testing.assert_allclose(local[1], local[0], atol=1e-5)  # decode == forward, for good measure
+  assert float(jnp.std(local[0])) > 0.3
 
 
-def test_sharded_mla_decode_equals_unsharded(mesh):
-  cfg = tiny(attention="mla", q_lora_rank=8)
-  graphdef, state, _ = build_sharded(cfg, mesh)
-  tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, cfg.vocab_size)
-  step = jax.jit(lambda st, tok, c: nnx.merge(graphdef, st).extend(tok, c))
-
-  def run(st, cache):
-    logits, cache = step(st, tokens[:, :5], cache)
-    last, cache = step(st, tokens[:, 5:], cache)
-    return jnp.concatenate([logits, last], axis=1)
-
-  empty = cache_lib.init_cache(cfg, 4, 8)
-  sharded = run(state, jax.device_put(empty, sharding.cache_shardings(empty, mesh)))
-  local = run(jax.device_put(state, jax.devices()[0]), empty)
-  np.testing.assert_allclose(sharded, local, atol=1e-5)
-
-
-# Caches ---------------------------------------------------------------------------------------------
+# Caches -------------------------------------------------------------------------------------------
 
 
 def _placed_cache(cfg, mesh, batch):
@@ -198,7 +206,7 @@ def test_cache_length_on_the_sequence_axis():
   assert_placed(cache.layers[0].c, seq_mesh, ("data", "sequence", None))
 
 
-# Rules and mesh shapes ------------------------------------------------------------------------------
+# Rules and mesh shapes ----------------------------------------------------------------------------
 
 
 def test_rule_overrides_change_param_shardings(mesh):
@@ -250,6 +258,6 @@ def test_resolve_mesh_shape_errors(shape, pattern):
 def test_make_mesh_shape_and_errors():
   mesh = sharding.make_mesh({"data": -1, "tensor": 2})
   assert dict(mesh.shape) == dict(data=4, fsdp=1, tensor=2, sequence=1)
-  assert sharding.data_parallel_size(mesh) == 4
+  assert sharding.data_parallel_size(mesh.shape) == 4
   with pytest.raises(ValueError, match=r"^mesh\.data: "):
     sharding.make_mesh({"data": -1, "tensor": 3})
