@@ -74,8 +74,6 @@ def evaluate_model(model, tokens: np.ndarray, bytes_per_token: float, seq_len: i
   """
   from flax import nnx  # local: the trainer imports this module and needs nothing more
 
-  from mla_jax import sharding as shd
-
   mesh = shd.make_mesh({"data": -1})
   n = mesh.devices.size
   batch_size = -(-batch_size // n) * n
@@ -84,7 +82,7 @@ def evaluate_model(model, tokens: np.ndarray, bytes_per_token: float, seq_len: i
   param_sh = jax.tree.map(lambda v: v.replace(replicated), params,
                           is_leaf=lambda x: isinstance(x, nnx.Variable))
   params = jax.device_put(params, param_sh)
-  evaluator = Evaluator(graphdef, param_sh, mesh, batch_size, seq_len, rules_batch="data")
+  evaluator = Evaluator(graphdef, param_sh, mesh, batch_size, seq_len)
   return evaluator(params, tokens, bytes_per_token, max_tokens)
 
 

@@ -1,0 +1,55 @@
+r"""The cpu sweep's variants at GPT-2-small scale (~110M parameters, 1.05B tokens): not run here.
+
+  # once: a BPE-tokenized corpus of several GB (e.g. FineWeb-Edu or OpenWebText as text files)
+  python scripts/prepare_data.py --source=text --path='data/fineweb_edu/*.txt' --tokenizer=bpe \
+      --vocab_size=32768 --out=data/fineweb_edu_bpe32k
+  python scripts/compare.py --sweep=gpu --out=docs/results/gpu --runs_dir=runs/sweep_gpu
+
+Every run: D=768, L=12, H=12 (head dim K=64), seq_len 1024, global batch 256 (262,144 tokens
+per step, in 4 microbatches), 4,000 steps = 1.05B tokens, bf16 compute with fp32 parameters,
+remat (configs/lm.py size=125m). Per token per layer the cache holds (elements): MHA 2*H*K =
+1536, GQA-2 4K = 256, MQA 2K = 128, MLA C + R with R = 32: C=224 -> 256 (= GQA-2), C=96 -> 128
+(= MQA); query latent Q = 384 except mla_c224_noq. Parameters matched to MHA's within 3% through
+d_ff (`python scripts/compare.py --sweep=gpu --params`; tests/test_eval.py checks it).
+Cost: 6 * 110M params * 1.05B tokens ~ 7e17 FLOPs per run (+1/3 for remat): about 40-60 min on
+one H100 at 30-40% of its bf16 peak, so ~6-8 hours for the 8 runs.
+"""
+
+from ml_collections import ConfigDict
+
+D, H = 768, 12
+Q = D // 2
+
+
+def get_config() -> ConfigDict:
+  c = ConfigDict()
+  c.name = "gpu"
+  c.experiment = "configs/lm.py"
+  c.steps = 4000
+  c.evals, c.ckpts, c.warmup_fraction = 20, 10, 0.05
+  c.overrides = ConfigDict(dict(
+      model=dict(vocab_size=32768, qk_rope_head_dim=D // H // 2),
+      data=dict(source="tokens", path="data/fineweb_edu_bpe32k", seq_len=1024),
+      # 4 microbatches of 64 x 1024 tokens: the fp32 logits of 256 x 1024 tokens over a 32k
+      # vocabulary alone would take 34 GB.
+      train=dict(global_batch=256, microbatches=4, eval_tokens=4_194_304, seed=0),
+  ))
+  c.runs = [
+      ("mha", "attn=mha,size=125m", {"model.d_ff": 2048}),
+      ("gqa2", "attn=gqa,size=125m", {"model.n_kv_heads": 2, "model.d_ff": 2472}),
+      ("mqa", "attn=mqa,size=125m", {"model.d_ff": 2520}),
+      ("mla_c224", "attn=mla,size=125m",
+       {"model.kv_lora_rank": 224, "model.q_lora_rank": Q, "model.d_ff": 2264}),
+      ("mla_c96", "attn=mla,size=125m",
+       {"model.kv_lora_rank": 96, "model.q_lora_rank": Q, "model.d_ff": 2392}),
+      ("mla_c224_noq", "attn=mla,size=125m",
+       {"model.kv_lora_rank": 224, "model.q_lora_rank": 0, "model.d_ff": 2200}),
+  ]
+  c.reference = "mha"
+  c.param_tolerance = 0.03
+  c.seeds = {"gqa2": [1], "mla_c224": [1]}
+  c.decode_lengths = "256,512,1024"
+  c.decode_rounds = 3  # final decode timing: all runs interleaved, this many rounds
+  c.decode_steps = 64
+  c.eval_max_tokens = 0
+  return c

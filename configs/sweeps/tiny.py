@@ -1,0 +1,32 @@
+"""Two tiny runs for tests and smoke checks (seconds): MHA and MLA at D=32, one layer.
+
+  python scripts/compare.py --sweep=tiny --out=/tmp/tiny_sweep
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+  c = ConfigDict()
+  c.name = "tiny"
+  c.experiment = "configs/lm.py"
+  c.steps = 8
+  c.evals, c.ckpts, c.warmup_fraction = 2, 1, 0.25
+  c.overrides = ConfigDict(dict(
+      model=dict(d_model=32, n_layers=1, n_heads=4, max_seq_len=128, qk_rope_head_dim=4),
+      # 520 kB: the first 20 sorted stdlib files, so that one (abc.py) is validation.
+      data=dict(source="stdlib", tokenizer="bytes", seq_len=32, max_bytes=520_000),
+      train=dict(global_batch=8, log_every=4, eval_tokens=512, peak_flops=2e11),
+  ))
+  c.runs = [
+      ("mha", "attn=mha,size=tiny", {}),
+      ("mla", "attn=mla,size=tiny", {"model.kv_lora_rank": 8, "model.q_lora_rank": 16}),
+  ]
+  c.reference = "mha"
+  c.param_tolerance = 0.5  # not parameter-matched: a plumbing test
+  c.seeds = {}
+  c.decode_lengths = "64,128"
+  c.decode_rounds = 1  # final decode timing: all runs interleaved, this many rounds
+  c.decode_steps = 8
+  c.eval_max_tokens = 2048
+  return c

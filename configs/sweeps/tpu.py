@@ -1,0 +1,54 @@
+r"""The cpu sweep's variants at ~340M parameters and 2.1B tokens on a TPU slice: not run here.
+
+  # once: a BPE-tokenized corpus of several GB (e.g. FineWeb-Edu or OpenWebText as text files)
+  python scripts/prepare_data.py --source=text --path='data/fineweb_edu/*.txt' --tokenizer=bpe \
+      --vocab_size=32768 --out=data/fineweb_edu_bpe32k
+  python scripts/compare.py --sweep=tpu --out=docs/results/tpu --runs_dir=runs/sweep_tpu
+
+Every run: D=1024, L=24, H=16 (head dim K=64), seq_len 1024, global batch 256 (262,144 tokens
+per step), 8,000 steps = 2.1B tokens, bf16 compute with fp32 parameters, remat (configs/lm.py
+size=350m). The mesh is data-parallel over the slice by default; on a v4-32 / v5e-32 add
+`mesh=dict(fsdp=...)` to the overrides to shard parameters. Per token per layer the cache holds
+(elements): MHA 2*H*K = 2048, GQA-2 4K = 256, MQA 2K = 128, MLA C + R with R = 32: C=224 -> 256
+(= GQA-2), C=96 -> 128 (= MQA); query latent Q = 512 except mla_c224_noq. Parameters matched to
+MHA's within 3% through d_ff (`python scripts/compare.py --sweep=tpu --params`; tests check it).
+Cost: 6 * 337M params * 2.1B tokens ~ 4.2e18 FLOPs per run (+1/3 for remat): ~30 min on a v4-32
+(32 chips x 275 bf16 TFLOP/s) at 40% utilisation, ~4-5 hours for the 8 runs.
+"""
+
+from ml_collections import ConfigDict
+
+D, H = 1024, 16
+Q = D // 2
+
+
+def get_config() -> ConfigDict:
+  c = ConfigDict()
+  c.name = "tpu"
+  c.experiment = "configs/lm.py"
+  c.steps = 8000
+  c.evals, c.ckpts, c.warmup_fraction = 20, 10, 0.05
+  c.overrides = ConfigDict(dict(
+      model=dict(vocab_size=32768, qk_rope_head_dim=D // H // 2),
+      data=dict(source="tokens", path="data/fineweb_edu_bpe32k", seq_len=1024),
+      train=dict(global_batch=256, eval_tokens=4_194_304, seed=0),
+  ))
+  c.runs = [
+      ("mha", "attn=mha,size=350m", {"model.d_ff": 2752}),
+      ("gqa2", "attn=gqa,size=350m", {"model.n_kv_heads": 2, "model.d_ff": 3352}),
+      ("mqa", "attn=mqa,size=350m", {"model.d_ff": 3392}),
+      ("mla_c224", "attn=mla,size=350m",
+       {"model.kv_lora_rank": 224, "model.q_lora_rank": Q, "model.d_ff": 3112}),
+      ("mla_c96", "attn=mla,size=350m",
+       {"model.kv_lora_rank": 96, "model.q_lora_rank": Q, "model.d_ff": 3240}),
+      ("mla_c224_noq", "attn=mla,size=350m",
+       {"model.kv_lora_rank": 224, "model.q_lora_rank": 0, "model.d_ff": 3032}),
+  ]
+  c.reference = "mha"
+  c.param_tolerance = 0.03
+  c.seeds = {"gqa2": [1], "mla_c224": [1]}
+  c.decode_lengths = "256,512,1024"
+  c.decode_rounds = 3  # final decode timing: all runs interleaved, this many rounds
+  c.decode_steps = 64
+  c.eval_max_tokens = 0
+  return c

@@ -1,0 +1,102 @@
+"""Decode-step timing: milliseconds per generated token at a given context length.
+
+    ms = time_decode(model, context=1024)            # {'ms_per_token': ..., 'tokens_per_s': ...}
+    both = time_decode_impls(model, contexts=(256, 1024))   # MLA: absorbed and naive
+
+What is timed is `generate.decode_step_jit` (one token per sequence, jitted, cache donated) with
+a cache buffer of exactly `context` slots, the first `context - warmup - steps` counted as filled.
+Attention runs over every slot of the buffer (the causal mask hides the unfilled ones), so the cost
+per step is the cost of decoding at that context. The cache contents stay zero: timing does not
+depend on the values. Each step is blocked on and the median over steps is reported, which is
+robust to a busy machine (the mean is reported too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax import cache as cache_lib
+from mla_jax.generate import decode_step_jit
+
+
+def time_decode(model: nnx.Module, context: int, batch: int = 1, steps: int = 32,
+                warmup: int = 3) -> dict:
+  """Median wall time of one decode step with `context` cache slots, batch `batch`."""
+  cfg = model.cfg
+  if context > cfg.max_seq_len:
+    raise ValueError(f"context: {context} is above model.max_seq_len={cfg.max_seq_len}")
+  if context <= warmup + steps:
+    raise ValueError(f"context: {context} must exceed warmup + steps = {warmup + steps}")
+  graphdef, state = nnx.split(model)
+  cache = cache_lib.init_cache(cfg, batch, context)
+  cache = cache.replace(lengths=jnp.full((batch,), context - warmup - steps, jnp.int32))
+  tokens = jnp.zeros((batch, 1), jnp.int32)
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    logits, cache = decode_step_jit(graphdef, state, cache, tokens)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]  # a real data dependency
+    tokens.block_until_ready()
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  ms = 1000 * statistics.median(times)
+  return {"context": context, "batch": batch, "ms_per_token": ms,
+          "mean_ms_per_token": 1000 * statistics.fmean(times), "tokens_per_s": batch * 1000 / ms,
+          "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers))}
+
+
+def with_decode_impl(model: nnx.Module, impl: str) -> nnx.Module:
+  """The same parameters behind an MLA model whose config picks another decode path."""
+  from mla_jax.model import Transformer  # model imports generate-free modules only
+
+  cfg = dataclasses.replace(model.cfg, mla_decode_impl=impl)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
+def time_decode_impls(model: nnx.Module, contexts=(256, 1024), batch: int = 1,
+                      steps: int = 32) -> dict[str, list[dict]]:
+  """{impl name: [time_decode(...) per context]}. The GQA family has one path ('standard');
+  MLA is timed with both the absorbed and the naive decode path on the same parameters."""
+  impls = ("absorbed", "naive") if model.cfg.attention == "mla" else ("standard",)
+  out = {}
+  for impl in impls:
+    m = model if impl == "standard" else with_decode_impl(model, impl)
+    out[impl] = [time_decode(m, c, batch, steps) for c in contexts]
+  return out
+
+
+def time_decode_interleaved(models: dict, contexts=(256, 1024), batch: int = 1, steps: int = 16,
+                            rounds: int = 3) -> dict[str, dict[str, list[dict]]]:
+  """time_decode_impls for several models, measured in interleaved rounds: every (model, path,
+  context) is timed once per round, so a burst of load from another process hits all of them
+  alike instead of one unlucky model. ms_per_token is the median of the rounds' medians.
+  Returns {name: {impl: [point per context]}}."""
+  variants = {}
+  for name, model in models.items():
+    impls = ("absorbed", "naive") if model.cfg.attention == "mla" else ("standard",)
+    for impl in impls:
+      variants[(name, impl)] = model if impl == "standard" else with_decode_impl(model, impl)
+  samples = {key: {c: [] for c in contexts} for key in variants}
+  for _ in range(rounds):
+    for key, model in variants.items():
+      for c in contexts:
+        samples[key][c].append(time_decode(model, c, batch, steps))
+  out: dict[str, dict[str, list[dict]]] = {}
+  for (name, impl), by_context in samples.items():
+    points = []
+    for c, runs in by_context.items():
+      ms = statistics.median(r["ms_per_token"] for r in runs)
+      points.append({**runs[0], "ms_per_token": ms, "tokens_per_s": batch * 1000 / ms,
+                     "mean_ms_per_token": statistics.fmean(r["mean_ms_per_token"] for r in runs),
+                     "min_round_ms_per_token": min(r["ms_per_token"] for r in runs),
+                     "max_round_ms_per_token": max(r["ms_per_token"] for r in runs),
+                     "rounds": rounds, "steps_per_round": steps})
+    out.setdefault(name, {})[impl] = points
+  return out

@@ -1,0 +1,377 @@
+"""Comparison report of a sweep: results.json, report.md and four PNG plots (matplotlib, Agg).
+
+`write_report(sweep, runs, results, out, runs_dir, command)` is what scripts/compare.py calls:
+`runs` are its expanded runs ({name, variant, seed, ...}), `results` eval.py's dict per run name.
+Everything the plots need is copied into results.json, so `render(json.load(...), out)` redraws
+them from that file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PLOTS = {"pareto": "bpb_vs_kv_bytes.png", "curves": "training_curves.png",
+         "decode": "decode_ms_per_token.png", "position": "loss_by_position.png"}
+
+
+# Data -------------------------------------------------------------------------------------------
+
+
+def read_curve(workdir: str) -> list[list[float]]:
+  """[[tokens, val_loss], ...] from a workdir's metrics.jsonl (evaluation records only)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    records = [json.loads(l) for l in f if l.strip()]
+  return [[r["tokens"], r["val_loss"]] for r in records if "val_loss" in r and "tokens" in r]
+
+
+def dims(r: dict) -> str:
+  a = r["attention"]
+  if a["variant"] == "mla":
+    return (f"C={a['kv_lora_rank']} R={a['qk_rope_head_dim']} Q={a['q_lora_rank']} "
+            f"N={a['qk_nope_head_dim']} E={a['v_head_dim']}")
+  return f"G={a['n_kv_heads']} K={a['head_dim']}"
+
+
+def collect(sweep, runs, results: dict, runs_dir: str, command: str,
+            train_seconds: dict | None = None) -> dict:
+  """The results.json document: setup, one entry per run, seed statistics per variant."""
+  ref_name = sweep.get("reference", runs[0]["name"])
+  if ref_name not in results:  # e.g. compare.py --only without the reference run
+    ref_name = runs[0]["name"]
+  ref = results[ref_name]
+  out_runs = {}
+  for run in runs:
+    r = dict(results[run["name"]])
+    r.update(variant=run["variant"], seed=run["seed"], dims=dims(r),
+             cache_pct_of_reference=100 * r["kv_bytes_per_token"] / ref["kv_bytes_per_token"],
+             curve=read_curve(os.path.join(runs_dir, run["name"])),
+             train_seconds=(train_seconds or {}).get(run["name"]))
+    out_runs[run["name"]] = r
+  variants = {}
+  for name, r in out_runs.items():
+    variants.setdefault(r["variant"], []).append(name)
+  stats = {}
+  for v, names in variants.items():
+    bpb = [out_runs[n]["val_bpb"] for n in names]
+    stats[v] = {"runs": names, "seeds": [out_runs[n]["seed"] for n in names],
+                "val_bpb_mean": statistics.fmean(bpb), "val_bpb_min": min(bpb),
+                "val_bpb_max": max(bpb), "val_bpb_spread": max(bpb) - min(bpb),
+                "kv_bytes_per_token": out_runs[names[0]]["kv_bytes_per_token"]}
+  first = out_runs[runs[0]["name"]]
+  setup = {
+      "sweep": sweep.name, "reference": ref_name, "command": command,
+      "tokens_per_run": sorted({r["tokens_trained"] for r in out_runs.values()}),
+      "steps": sorted({r["train_steps"] for r in out_runs.values()}),
+      "data": {k: first["data"][k] for k in ("source", "path", "seq_len", "bytes_per_token",
+                                             "val_tokens_total", "val_bytes", "max_tokens")},
+      "model": {k: first["model"][k] for k in ("d_model", "n_layers", "n_heads", "vocab_size",
+                                               "max_seq_len", "dtype", "cache_dtype")},
+      "device": first.get("device"),
+      "code": code_version(),  # at report time: timings re-taken then, training possibly earlier
+      "seeds": {v: s["seeds"] for v, s in stats.items()},
+  }
+  return {"setup": setup, "runs": out_runs, "variants": stats}
+
+
+def code_version() -> str:
+  """git commit of the repository, '+ local changes' when mla_jax/ differs from it."""
+  import subprocess
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                          text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "mla_jax"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return (head or "unknown") + (" + local changes in mla_jax/" if dirty else "")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+  """Indices of the points no other point beats on both coordinates (both minimised), by x."""
+  keep = [i for i, (x, y) in enumerate(points)
+          if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for x2, y2 in points)]
+  return sorted(keep, key=lambda i: points[i])
+
+
+# Plots ------------------------------------------------------------------------------------------
+
+
+def _colors(variants: list[str]) -> dict[str, tuple]:
+  cmap = plt.get_cmap("tab10")
+  return {v: cmap(i % 10) for i, v in enumerate(variants)}
+
+
+def plot_pareto(doc: dict, path: str) -> None:
+  runs, stats = doc["runs"], doc["variants"]
+  colors = _colors(list(stats))
+  fig, ax = plt.subplots(figsize=(7, 4.8))
+  for name, r in runs.items():
+    ax.scatter(r["kv_bytes_per_token"], r["val_bpb"], color=colors[r["variant"]], s=28, alpha=0.6,
+               zorder=3)
+  names = list(stats)
+  means = [(stats[v]["kv_bytes_per_token"], stats[v]["val_bpb_mean"]) for v in names]
+  for v, (x, y) in zip(names, means):
+    ax.scatter(x, y, color=colors[v], marker="D", s=60, edgecolor="black", zorder=4, label=v)
+    if len(stats[v]["runs"]) > 1:
+      ax.vlines(x, stats[v]["val_bpb_min"], stats[v]["val_bpb_max"], color=colors[v], lw=2)
+  ax.set_xscale("log", base=2)
+  # The frontier as a staircase: everything above and to the right of it is dominated.
+  front = [means[i] for i in pareto_front(means)]
+  right = max(x for x, _ in means) * 1.5
+  xs, ys = [], []
+  for i, (x, y) in enumerate(front):
+    xs += [x, front[i + 1][0] if i + 1 < len(front) else right]
+    ys += [y, y]
+  ax.plot(xs, ys, "k--", lw=1, zorder=2, label="Pareto frontier (variant means)")
+  ax.scatter(*zip(*front), s=160, facecolors="none", edgecolors="black", zorder=5)
+  for v, (x, y) in zip(names, means):
+    ax.annotate(v, (x, y), textcoords="offset points", xytext=(7, 4), fontsize=8)
+  ax.set_xlim(min(x for x, _ in means) / 1.4, right)
+  ax.set_xlabel("KV cache bytes per token (all layers)")
+  ax.set_ylabel("validation bits per byte (lower is better)")
+  ax.set_title("Quality vs KV cache size (dots: runs, diamonds: variant means, bars: seed range)",
+               fontsize=9)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_curves(doc: dict, path: str) -> None:
+  runs = doc["runs"]
+  colors = _colors(list(doc["variants"]))
+  fig, ax = plt.subplots(figsize=(7, 4.8))
+  tail = []
+  for name, r in runs.items():
+    if not r["curve"]:
+      continue
+    x, y = zip(*r["curve"])
+    first = doc["variants"][r["variant"]]["runs"][0] == name
+    ax.plot(x, y, color=colors[r["variant"]], ls="-" if first else "--", marker=".", label=name)
+    tail += list(y[len(y) // 3:])
+  if tail:  # zoom on the part of training where the variants separate
+    lo, hi = min(tail), max(tail)
+    ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.3 * (hi - lo + 1e-9))
+  ax.set_xlabel("training tokens")
+  ax.set_ylabel("validation loss (nats/token, in-training eval subset)")
+  ax.set_title("Training curves (dashed: extra seeds)", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_decode(doc: dict, path: str) -> None:
+  runs, stats = doc["runs"], doc["variants"]
+  colors = _colors(list(stats))
+  fig, ax = plt.subplots(figsize=(7, 4.8))
+  for v, s in stats.items():
+    r = runs[s["runs"][0]]  # one run per variant: seeds share the architecture
+    for impl, points in r["decode"].items():
+      ax.plot([p["context"] for p in points], [p["ms_per_token"] for p in points],
+              color=colors[v], ls="--" if impl == "naive" else "-", marker="o",
+              label=v if impl == "standard" else f"{v} ({impl})")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("context length (cache slots)")
+  ax.set_ylabel("decode ms per token (batch 1, median)")
+  ax.set_title(f"Decode step time on {doc['setup'].get('device') or '?'} "
+               "(MLA dashed: naive path)", fontsize=10)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _bucketed(losses: list[float], n: int = 24) -> tuple[list[float], list[float]]:
+  """Mean loss in ~n log-spaced position buckets (fine near the start, where loss falls fastest):
+  (bucket centres as 1-based positions, means)."""
+  t = len(losses)
+  edges = sorted({0, t} | {min(t, round(t ** (i / n))) for i in range(n + 1)})
+  xs = [math.sqrt(a + 1) * math.sqrt(b) for a, b in zip(edges[:-1], edges[1:])]  # geometric
+  return xs, [statistics.fmean(losses[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def plot_position(doc: dict, path: str) -> None:
+  runs, stats = doc["runs"], doc["variants"]
+  colors = _colors(list(stats))
+  ref = doc["setup"]["reference"]
+  _, ref_y = _bucketed(runs[ref]["loss_by_position"])
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+  for v, s in stats.items():
+    curves = [_bucketed(runs[n]["loss_by_position"]) for n in s["runs"]]
+    xs = curves[0][0]
+    ys = [statistics.fmean(c[1][i] for c in curves) for i in range(len(xs))]
+    ax.plot(xs, ys, color=colors[v], label=v)
+    ax2.plot(xs, [y - r for y, r in zip(ys, ref_y)], color=colors[v], label=v)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("position in the window (tokens of context + 1)")
+  ax.set_ylabel("validation loss (nats/token)")
+  ax.set_title("Loss by context position (mean over seeds)", fontsize=10)
+  ax2.axhline(0, color="black", lw=0.8)
+  ax2.set_xscale("log", base=2)
+  ax2.set_xlabel("position in the window (tokens of context + 1)")
+  ax2.set_ylabel(f"loss minus {ref}'s (nats/token)")
+  ax2.set_title(f"Difference to {ref} (< 0: better)", fontsize=10)
+  for a in (ax, ax2):
+    a.grid(alpha=0.3, which="both")
+    a.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# Markdown ---------------------------------------------------------------------------------------
+
+
+def _decode_cell(r: dict, context: int) -> str:
+  cells = []
+  for impl, points in r["decode"].items():
+    p = next((p for p in points if p["context"] == context), None)
+    if p:
+      cells.append(f"{p['ms_per_token']:.2f}")
+  return " / ".join(cells) or "-"
+
+
+def notes(doc: dict) -> list[str]:
+  """A few facts read off the results: best variant, seed noise, MLA decode paths."""
+  runs, stats = doc["runs"], doc["variants"]
+  ref = doc["setup"]["reference"]
+  ref_bytes = runs[ref]["kv_bytes_per_token"]
+  best = min(stats, key=lambda v: stats[v]["val_bpb_mean"])
+  out = [f"Lowest mean val bpb: {best} ({stats[best]['val_bpb_mean']:.4f}) with "
+         f"{100 * stats[best]['kv_bytes_per_token'] / ref_bytes:.0f}% of {ref}'s cache."]
+  spread = max((s["val_bpb_spread"] for s in stats.values() if len(s["runs"]) > 1), default=None)
+  if spread is not None:
+    out.append(f"Largest seed spread: {spread:.4f} bpb; differences between variants smaller than "
+               "that are within seed noise at this budget.")
+  for v, s in stats.items():
+    decode = runs[s["runs"][0]]["decode"]
+    if "absorbed" in decode and "naive" in decode and decode["absorbed"]:
+      a, n = decode["absorbed"][-1], decode["naive"][-1]
+      out.append(f"{v}: absorbed decode {a['ms_per_token']:.2f} ms/token vs naive "
+                 f"{n['ms_per_token']:.2f} at context {a['context']} "
+                 f"({n['ms_per_token'] / a['ms_per_token']:.1f}x).")
+  return out
+
+
+def markdown(doc: dict) -> str:
+  setup, runs, stats = doc["setup"], doc["runs"], doc["variants"]
+  ref = setup["reference"]
+  contexts = sorted({p["context"] for r in runs.values() for ps in r["decode"].values()
+                     for p in ps})
+  shown = [c for c in (contexts[:1] + contexts[-1:]) if c] if contexts else []
+  shown = sorted(set(shown))
+  m, d = setup["model"], setup["data"]
+  tokens = ", ".join(f"{t:,}" for t in setup["tokens_per_run"] if t)
+  params = sorted(r["params"]["total"] for r in runs.values())
+  timing = next(iter(runs.values())).get("decode_timing", "each run timed after its training")
+  scored = next(iter(runs.values()))["val_tokens"]
+  scored = (f"{scored:,} predicted tokens (every full window)" if not d.get("max_tokens")
+            else f"{scored:,} predicted tokens (capped by max_tokens)")
+  lines = [
+      f"# Sweep `{setup['sweep']}`: KV cache vs quality and decode speed", "",
+      "## Setup", "",
+      f"- Model: width D={m['d_model']}, {m['n_layers']} layers, {m['n_heads']} query heads, "
+      f"vocab {m['vocab_size']}, max_seq_len {m['max_seq_len']}, compute {m['dtype']}, "
+      f"cache {m['cache_dtype']}.",
+      f"- Parameters: {params[0]:,} to {params[-1]:,} in total "
+      f"({100 * (params[-1] / params[0] - 1):.1f}% apart; matched through d_ff, see the table).",
+      f"- Training: {', '.join(map(str, setup['steps']))} steps, {tokens} tokens per run; "
+      f"seeds {json.dumps(setup['seeds'])}.",
+      f"- Data: `{d['source']}{':' + d['path'] if d['path'] else ''}`, window {d['seq_len']} "
+      f"tokens, {d['bytes_per_token']:.3f} bytes/token; validation: {scored} of the held-out "
+      f"split's {d['val_tokens_total']:,} tokens ({d['val_bytes']:,} bytes) scored in "
+      "deterministic full windows, token-weighted.",
+      f"- Decode timing: batch 1, median of timed `decode_step_jit` steps with a cache of the "
+      f"given length, on `{setup.get('device')}` ({timing}); MLA cells read absorbed / naive "
+      "path (same weights). tokens/s = 1000 / ms. Compare timings within one sweep only.",
+      f"- Code: `{setup.get('code', 'unknown')}` when this report was written.",
+      "",
+      "## Results", "",
+      "| run | attention | dims | d_ff | params | val bpb | val loss | KV B/token "
+      f"| cache % of {ref} | cache @ max (MiB) | "
+      + " | ".join(f"decode ms/token @{c}" for c in shown) + " |",
+      "|---" * (10 + len(shown)) + "|",
+  ]
+  order = sorted(runs, key=lambda n: (-runs[n]["kv_bytes_per_token"], runs[n]["variant"], n))
+  for n in order:
+    r = runs[n]
+    cache = r["kv_cache_bytes_at_max"]
+    lines.append(
+        f"| {n} | {r['attention']['variant']} | {r['dims']} | {r['model']['d_ff']} | "
+        f"{r['params']['total']:,} | {r['val_bpb']:.4f} | {r['val_loss']:.4f} | "
+        f"{r['kv_bytes_per_token']:,} | {r['cache_pct_of_reference']:.1f}% | "
+        f"{cache['bytes'] / 2**20:.1f} | " + " | ".join(_decode_cell(r, c) for c in shown) + " |")
+  lines += ["", f"Cache @ max: bytes for max_seq_len x train batch "
+            f"({next(iter(runs.values()))['kv_cache_bytes_at_max']['max_seq_len']} x "
+            f"{next(iter(runs.values()))['kv_cache_bytes_at_max']['batch']}). "
+            "Measured cache bytes/token (from a filled cache) equal the analytic ones for every "
+            "run: " + ("yes" if all(r["kv_bytes_per_token"] == r["kv_bytes_per_token_measured"]
+                                    for r in runs.values()) else "**NO**") + ".", ""]
+  multi = {v: s for v, s in stats.items() if len(s["runs"]) > 1}
+  if multi:
+    lines += ["### Seed spread", "", "| variant | seeds | val bpb (each) | mean | max - min |",
+              "|---|---|---|---|---|"]
+    for v, s in multi.items():
+      each = ", ".join(f"{runs[n]['val_bpb']:.4f}" for n in s["runs"])
+      lines.append(f"| {v} | {', '.join(map(str, s['seeds']))} | {each} | "
+                   f"{s['val_bpb_mean']:.4f} | {s['val_bpb_spread']:.4f} |")
+    lines.append("")
+  lines += ["### Variant means (bpb) against the reference", "",
+            f"| variant | KV B/token | cache % of {ref} | mean val bpb | vs {ref} |",
+            "|---|---|---|---|---|"]
+  ref_bpb = stats[runs[ref]["variant"]]["val_bpb_mean"]
+  for v, s in sorted(stats.items(), key=lambda kv: -kv[1]["kv_bytes_per_token"]):
+    lines.append(f"| {v} | {s['kv_bytes_per_token']:,} | "
+                 f"{100 * s['kv_bytes_per_token'] / runs[ref]['kv_bytes_per_token']:.1f}% | "
+                 f"{s['val_bpb_mean']:.4f} | {100 * (s['val_bpb_mean'] / ref_bpb - 1):+.2f}% |")
+  lines += ["", "### Read-outs (computed from the numbers above)", ""] + [f"- {n}" for n in notes(doc)]
+  lines += ["", "## Figures", ""]
+  captions = {"pareto": "Validation bits per byte vs KV cache bytes per token",
+              "curves": "Training curves (validation loss vs tokens)",
+              "decode": "Decode ms per token vs context length",
+              "position": "Loss by context position"}
+  for key, file in PLOTS.items():
+    lines += [f"![{captions[key]}]({file})", ""]
+  lines += ["## Reproduce", "", "```bash", setup["command"], "```", ""]
+  return "\n".join(lines)
+
+
+def render(doc: dict, out: str) -> list[str]:
+  """Writes the plots and report.md for a results.json document; returns the paths."""
+  os.makedirs(out, exist_ok=True)
+  paths = []
+  for key, fn in (("pareto", plot_pareto), ("curves", plot_curves), ("decode", plot_decode),
+                  ("position", plot_position)):
+    paths.append(os.path.join(out, PLOTS[key]))
+    fn(doc, paths[-1])
+  paths.append(os.path.join(out, "report.md"))
+  with open(paths[-1], "w") as f:
+    f.write(markdown(doc))
+  return paths
+
+
+def write_report(sweep, runs, results: dict, out: str, runs_dir: str, command: str,
+                 train_seconds: dict | None = None) -> list[str]:
+  doc = collect(sweep, runs, results, runs_dir, command, train_seconds)
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, "results.json")
+  with open(path, "w") as f:
+    json.dump(doc, f, indent=1)
+  return [path] + render(doc, out)

@@ -1,0 +1,293 @@
+"""Tests of eval.py, mla_jax.decode_speed, mla_jax.report, scripts/compare.py and the sweep files.
+
+Two tiny trained workdirs are shared (module-scoped):
+  stdlib_wd  configs/lm.py:attn=mla,size=tiny, 20 steps on 520 kB of stdlib bytes (trainer.train)
+  greek_wd   the same model, 2 steps, char tokenizer on a Greek text: every character is 2 UTF-8
+             bytes, so bits per byte must be exactly loss / ln 2 / 2.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mla_jax import cache as cache_lib
+from mla_jax import checkpoint as ckpt_lib
+from mla_jax import decode_speed, report, trainer
+from mla_jax.config import ModelConfig, kv_cache_bytes_per_token
+from mla_jax.experiment import load_config
+from mla_jax.logger import read_metrics
+from mla_jax.model import Transformer, count_params
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GREEK = "αβγδεζηθικλμνξοπρστυφχψω"
+
+
+def _load(name, path):
+  spec = importlib.util.spec_from_file_location(name, REPO / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+mla_eval = _load("mla_eval_under_test", "eval.py")
+compare = _load("compare_under_test", "scripts/compare.py")
+
+
+def _train(workdir, **overrides):
+  base = {"train.peak_flops": 2e11, "train.log_every": 10}
+  config = load_config(f"{REPO}/configs/lm.py:attn=mla,size=tiny", {**base, **overrides})
+  return trainer.train(config, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def stdlib_wd(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("stdlib_wd")
+  # 520 kB: the first 20 sorted stdlib files, so that one (abc.py) is validation.
+  _train(wd, **{"train.steps": 20, "train.eval_every": 20, "train.ckpt_every": 20,
+                "data.max_bytes": 520_000})
+  return str(wd)
+
+
+def greek_text(n_chars: int, seed: int) -> str:
+  rng = np.random.default_rng(seed)
+  words = ["".join(rng.choice(list(GREEK), size=rng.integers(2, 7))) for _ in range(40)]
+  out = []
+  while sum(map(len, out)) < n_chars:
+    out.append(words[rng.integers(len(words))] + "·")  # U+00B7: also 2 bytes
+  return "".join(out)[:n_chars]
+
+
+@pytest.fixture(scope="module")
+def greek_wd(tmp_path_factory):
+  root = tmp_path_factory.mktemp("greek")
+  path = root / "greek.txt"
+  path.write_text(greek_text(20_000, 0), encoding="utf-8")
+  wd = root / "wd"
+  _train(wd, **{"train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2,
+                "optim.warmup_steps": 1,
+                "data.source": "text", "data.path": str(path), "data.tokenizer": "char"})
+  return str(wd), str(path)
+
+
+# eval.py on a trained workdir ---------------------------------------------------------------------
+
+
+def test_eval_reports_finite_numbers_matching_the_trainer(stdlib_wd):
+  r = mla_eval.evaluate_workdir(stdlib_wd, decode_lengths="64,max", decode_steps=4)
+  for key in ("val_loss", "val_ppl", "val_bpb"):
+    assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+  assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2))  # bytes: 1 byte per token
+  # The trainer's last evaluation (size=tiny scores the whole split) is the same number.
+  last = [m for m in read_metrics(stdlib_wd) if "val_loss" in m][-1]
+  assert r["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+  assert r["val_tokens"] == last["val_tokens"]
+  assert r["step"] == 20 and r["tokens_trained"] == 20 * 8 * 64
+  model = ckpt_lib.load_model(stdlib_wd)
+  assert r["params"] == count_params(model)
+  assert r["attention"]["variant"] == "mla" and r["attention"]["kv_lora_rank"] == 32
+  # Cache: analytic == measured, and the size at max length x batch follows from it.
+  assert r["kv_bytes_per_token"] == kv_cache_bytes_per_token(model.cfg) == 4 * 2 * (32 + 8)
+  assert r["kv_bytes_per_token_measured"] == r["kv_bytes_per_token"]
+  assert r["kv_cache_bytes_at_max"] == {"bytes": 320 * 1024 * 8, "max_seq_len": 1024, "batch": 8}
+  # Decode: both MLA paths at both lengths, positive times.
+  assert set(r["decode"]) == {"absorbed", "naive"}
+  for points in r["decode"].values():
+    assert [p["context"] for p in points] == [64, 1024]
+    assert all(p["ms_per_token"] > 0 and p["tokens_per_s"] > 0 for p in points)
+  assert len(r["loss_by_position"]) == 64 and len(r["loss_by_position_buckets"]) == 8
+  assert np.mean(r["loss_by_position"]) == pytest.approx(r["val_loss"], rel=1e-5)
+  json.dumps(r)  # JSON-able as written by --json
+  assert "val_bpb" in mla_eval.format_table(r)
+
+
+def test_bpb_is_loss_over_ln2_times_tokens_over_bytes(greek_wd):
+  wd, path = greek_wd
+  r = mla_eval.evaluate_workdir(wd, decode_lengths="")
+  # Hand computation: the text source's val split is the last 10% of the characters.
+  text = pathlib.Path(path).read_text(encoding="utf-8")
+  val_text = text[int(len(text) * 0.9):]
+  n_tokens, n_bytes = len(val_text), len(val_text.encode("utf-8"))
+  assert n_bytes == 2 * n_tokens  # every character is 2 bytes
+  from mla_jax.tokenizer import load_tokenizer
+
+  ids = load_tokenizer(os.path.join(wd, "tokenizer")).encode(val_text)
+  t = 64
+  windows = np.stack([ids[i * t:i * t + t + 1] for i in range((len(ids) - 1) // t)])
+  logits = np.asarray(ckpt_lib.load_model(wd)(jnp.asarray(windows[:, :-1])), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  hand_loss = -np.take_along_axis(logp, windows[:, 1:, None], -1).mean()
+  assert r["val_tokens"] == windows.shape[0] * t
+  assert r["val_loss"] == pytest.approx(hand_loss, rel=1e-5)
+  assert r["data"]["bytes_per_token"] == 2.0
+  assert r["val_bpb"] == pytest.approx(hand_loss / math.log(2) * n_tokens / n_bytes, rel=1e-5)
+  assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / 2, rel=1e-12)
+
+
+def test_eval_on_another_text_uses_the_workdir_tokenizer(greek_wd, tmp_path):
+  wd, _ = greek_wd
+  other = tmp_path / "other.txt"
+  other.write_text(greek_text(8_000, 1), encoding="utf-8")
+  r = mla_eval.evaluate_workdir(wd, data=f"text:{other}", decode_lengths="")
+  val_text = other.read_text(encoding="utf-8")[int(8_000 * 0.9):]
+  assert r["data"]["source"] == "text" and r["data"]["val_tokens_total"] == len(val_text)
+  assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / 2)
+  bad = tmp_path / "latin.txt"
+  bad.write_text("plain ascii is not in a Greek char vocabulary " * 100)
+  with pytest.raises(ValueError, match="not in the vocabulary"):
+    mla_eval.evaluate_workdir(wd, data=f"text:{bad}", decode_lengths="")
+
+
+@pytest.mark.parametrize("attention,extra", [("mha", {}), ("gqa", {"n_kv_heads": 2}),
+                                             ("mqa", {}), ("mla", {"q_lora_rank": 16})])
+def test_measured_cache_bytes_equal_analytic(attention, extra):
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, attention=attention,
+                    kv_lora_rank=12, qk_rope_head_dim=4, max_seq_len=32, **extra)
+  graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  fill = jax.jit(lambda s: nnx.merge(graphdef, s).extend(jnp.ones((2, 8), jnp.int32),
+                                                         cache_lib.init_cache(cfg, 2, 8))[1])
+  cache = fill(state)
+  expected = {"mha": 2 * 4 * 8, "gqa": 2 * 2 * 8, "mqa": 2 * 8, "mla": 12 + 4}[attention] * 2 * 4
+  assert cache_lib.cache_bytes_per_token(cache) == kv_cache_bytes_per_token(cfg) == expected
+
+
+def test_decode_timing_paths_agree_and_validate():
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, attention="mla",
+                    kv_lora_rank=8, qk_rope_head_dim=4, max_seq_len=64)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  naive = decode_speed.with_decode_impl(model, "naive")
+  assert naive.cfg.mla_decode_impl == "naive" and model.cfg.mla_decode_impl == "absorbed"
+
+  @jax.jit
+  def prefill_then_decode(state_a, state_b):  # the same weights behind both decode paths
+    out = []
+    for m in (nnx.merge(nnx.graphdef(model), state_a), nnx.merge(nnx.graphdef(naive), state_b)):
+      _, cache = m.extend(jnp.arange(5, dtype=jnp.int32)[None], cache_lib.init_cache(cfg, 1, 8))
+      out.append(m.extend(jnp.full((1, 1), 5, jnp.int32), cache)[0])
+    return out
+
+  outs = prefill_then_decode(nnx.state(model), nnx.state(naive))
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+  r = decode_speed.time_decode_impls(model, (16,), steps=3)
+  assert set(r) == {"absorbed", "naive"} and [p["context"] for p in r["naive"]] == [16]
+  with pytest.raises(ValueError, match="max_seq_len"):
+    decode_speed.time_decode(model, 128)
+
+
+# Errors: one line each ---------------------------------------------------------------------------
+
+
+def _eval_cli(*args):
+  return subprocess.run([sys.executable, "eval.py", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_eval_on_empty_dir_is_a_one_line_error(tmp_path):
+  p = _eval_cli(f"--workdir={tmp_path}")
+  assert p.returncode == 1 and p.stdout == ""
+  assert p.stderr.strip().count("\n") == 0, p.stderr
+  assert p.stderr.startswith("error: ") and "config.json" in p.stderr
+  p = _eval_cli(f"--workdir={tmp_path}/missing")
+  assert p.returncode == 1 and p.stderr.strip() == f"error: {tmp_path}/missing: no such directory"
+
+
+def test_eval_errors_without_checkpoint_and_on_mismatch(stdlib_wd, tmp_path):
+  no_ckpt = tmp_path / "no_ckpt"
+  no_ckpt.mkdir()
+  shutil.copy(os.path.join(stdlib_wd, "config.json"), no_ckpt)
+  with pytest.raises(mla_eval.EvalError, match="no checkpoint"):
+    mla_eval.evaluate_workdir(str(no_ckpt))
+  assert not (no_ckpt / "checkpoints").exists()  # checking creates nothing
+  changed = tmp_path / "changed"
+  shutil.copytree(stdlib_wd, changed)
+  config = json.loads((changed / "config.json").read_text())
+  config["model"]["d_ff"] = 96  # the checkpoint holds d_ff=192
+  (changed / "config.json").write_text(json.dumps(config))
+  with pytest.raises(mla_eval.EvalError, match=r"does not match.*mlp.down is \(192, 64\) in the "
+                     r"checkpoint, \(96, 64\) from config.json") as e:
+    mla_eval.evaluate_workdir(str(changed), decode_lengths="")
+  assert "\n" not in str(e.value)
+  with pytest.raises(mla_eval.EvalError, match="--which"):
+    mla_eval.evaluate_workdir(stdlib_wd, which="7")
+  with pytest.raises(mla_eval.EvalError, match="--data"):
+    mla_eval.evaluate_workdir(stdlib_wd, data="csv:x")
+
+
+# Sweeps and compare.py --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu", "tpu"])
+def test_sweep_params_matched_within_tolerance(name):
+  sweep = compare.load_sweep(name)
+  assert sweep.param_tolerance <= 0.03
+  rows = compare.param_table(sweep, compare.expand_runs(sweep))
+  for row in rows:
+    assert abs(row["rel"]) <= sweep.param_tolerance, (row["name"], row["total"], row["rel"])
+  cfgs = {r["name"]: r["cfg"] for r in rows}
+  by = lambda a: [c for c in cfgs.values() if c.attention == a]
+  # Same width and depth everywhere; the variants the sweep promises.
+  assert len({(c.d_model, c.n_layers, c.n_heads) for c in cfgs.values()}) == 1
+  gqa, mla = by("gqa"), by("mla")
+  assert by("mha") and by("mqa") and gqa and {c.kv_heads for c in gqa} == {2}
+  kv = kv_cache_bytes_per_token
+  assert any(kv(m) == kv(gqa[0]) for m in mla)  # one MLA with GQA-2's cache: C + R = 4K
+  assert any(kv(m) < kv(gqa[0]) for m in mla)
+  assert {m.q_lora_rank > 0 for m in mla} == {True, False}
+  assert all(c.d_ff for c in cfgs.values())  # the sweep lists every d_ff explicitly
+
+
+def test_cpu_sweep_has_two_seeds_for_two_variants_and_equal_tokens():
+  sweep = compare.load_sweep("cpu")
+  runs = compare.expand_runs(sweep)
+  seeds = {}
+  for r in runs:
+    seeds.setdefault(r["variant"], set()).add(r["seed"])
+  assert sorted(v for v, s in seeds.items() if len(s) == 2) == sorted(sweep.seeds)
+  configs = [compare.run_config(sweep, r) for r in runs]
+  assert len({(c.train.steps, c.train.global_batch, c.data.seq_len) for c in configs}) == 1
+  assert {c.data.source for c in configs} == {"stdlib"}
+
+
+def test_pareto_front():
+  assert report.pareto_front([(4, 1.0), (2, 1.2), (2, 1.1), (1, 1.5), (4, 1.3)]) == [3, 2, 0]
+
+
+def test_compare_tiny_sweep_writes_report(tmp_path, monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # train.py children
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  out = tmp_path / "out"
+  paths = compare.run_sweep("tiny", str(out))
+  results = json.loads((out / "results.json").read_text())
+  assert set(results["runs"]) == {"mha", "mla"}
+  for name, r in results["runs"].items():
+    assert math.isfinite(r["val_bpb"]) and r["kv_bytes_per_token"] > 0, name
+    assert r["curve"] and r["decode"]
+  assert results["runs"]["mla"]["kv_bytes_per_token"] < results["runs"]["mha"]["kv_bytes_per_token"]
+  text = (out / "report.md").read_text()
+  for needle in ("| mha |", "| mla |", "compare.py --sweep=tiny"):
+    assert needle in text
+  for png in report.PLOTS.values():
+    data = (out / png).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    assert f"]({png})" in text
+  assert {str(out / p) for p in report.PLOTS.values()} <= set(paths)
+  # Finished runs are not retrained; --reuse reads their eval.json back.
+  log = out / "runs" / "mha" / "train.log"
+  size = log.stat().st_size
+  compare.run_sweep("tiny", str(out), reuse=True)
+  assert log.stat().st_size == size
+  # A workdir trained for other steps is refused rather than resumed into the sweep.
+  with pytest.raises(compare.SweepError, match="train.steps=8"):
+    compare.run_sweep("tiny", str(out), steps=9)
