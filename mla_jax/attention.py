@@ -1,8 +1,12 @@
 """Attention: one GQA module for MHA / GQA / MQA, and DeepSeek's Multi-head Latent Attention.
 
-Both take x [B, T, D] and positions [B, T] and return [B, T, D]; with a layer cache they also write
-the new tokens into it (at slots `lengths[b] + t`) and attend over the whole cache. Scores and
-softmax are float32 whatever the compute dtype.
+Both take x [B, T, D] and positions [B, T] and return [B, T, D]. With a layer cache, the T new
+tokens attend over two key blocks, the cache AS PASSED IN (S slots, before this call's write) and
+the new tokens themselves, with one softmax over both; the new tokens are then written into the
+returned cache (slots `lengths[b] + t`). Attention never reads the written buffer, so the write
+only feeds the returned cache and can update a donated input in place (reading the written buffer
+made XLA:CPU copy the whole cache several times per step: scripts/bench_decode.py); cache.after
+orders the write after the reads. Scores and softmax are float32 whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -18,11 +22,22 @@ from mla_jax.layers import RMSNorm, apply_rope, param, rope_angles
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
 
 
-def causal_probs(scores: jax.Array, positions: jax.Array) -> jax.Array:
-  """scores [B, ..., T, S] float32 -> probabilities, where query t sees slots s <= positions[b, t]."""
-  visible = jnp.arange(scores.shape[-1]) <= positions[..., None]  # [B, T, S]
-  visible = visible.reshape(visible.shape[:1] + (1,) * (scores.ndim - 3) + visible.shape[1:])
-  return jax.nn.softmax(jnp.where(visible, scores, _NEG), axis=-1)
+def causal_probs(new: jax.Array, old: jax.Array | None = None, lengths: jax.Array | None = None):
+  """One softmax over the keys [old cache slots; new tokens] -> (old probs or None, new probs).
+
+  new [B, ..., T, T] float32 scores of the new tokens against themselves: query t sees t' <= t.
+  old [B, ..., T, S] float32 scores against the cache before this call's write, or None (no
+  cache): slot s is visible iff s < lengths[b] (later slots may hold stale right-padding).
+  The scores are concatenated (small: [.., T, S + T]), not the keys, so the cache is never copied.
+  """
+  t = new.shape[-1]
+  new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new, _NEG)
+  if old is None:
+    return None, jax.nn.softmax(new, axis=-1)
+  s = old.shape[-1]
+  filled = jnp.arange(s) < lengths.reshape(lengths.shape + (1,) * (old.ndim - 1))  # [B, 1.., S]
+  probs = jax.nn.softmax(jnp.concatenate([jnp.where(filled, old, _NEG), new], axis=-1), axis=-1)
+  return probs[..., :s], probs[..., s:]
 
 
 class GQAttention(nnx.Module):
@@ -47,19 +62,27 @@ class GQAttention(nnx.Module):
     cos, sin = rope_angles(positions, cfg.qk_head_dim, cfg.rope_theta)
     q = apply_rope(q, cos, sin, cfg.rope_layout)
     k = apply_rope(k, cos, sin, cfg.rope_layout)
-    if cache is not None:
-      cache = cache_lib.KVCache(k=cache_lib.write(cache.k, k, lengths),
-                                v=cache_lib.write(cache.v, v, lengths))
-      k, v = cache.k.astype(dt), cache.v.astype(dt)
     b, t, h, kd = q.shape
     g = k.shape[2]
     q = q.reshape(b, t, g, h // g, kd)  # M = H / G query heads per kv head
-    scores = jnp.einsum("BTGMK,BSGK->BGMTS", q, k, preferred_element_type=jnp.float32)
-    probs = causal_probs(scores * kd ** -0.5, positions).astype(dt)
+    scores = lambda keys: jnp.einsum("BTGMK,BSGK->BGMTS", q, keys,
+                                     preferred_element_type=jnp.float32) * kd ** -0.5
     # Operand order matters on XLA:CPU: with probs first, this decode-shaped dot (contracting the
     # long S axis) runs ~2-7x slower than with the cache first (scripts/bench_decode.py).
-    o = jnp.einsum("BSGK,BGMTS->BTGMK", v, probs).reshape(b, t, h, kd)
-    return jnp.einsum("BTHK,HKD->BTD", o, c(self.wo)), cache
+    attend = lambda values, probs: jnp.einsum("BSGK,BGMTS->BTGMK", values, probs.astype(dt))
+    if cache is None:
+      o = attend(v, causal_probs(scores(k))[1])
+    else:
+      k, v = cache_lib.as_stored(k, cache.k), cache_lib.as_stored(v, cache.v)
+      # With G > 1 the dots first relayout the cache to [B, G, S, K] (a full copy): tie each copy
+      # to what it waits for, keys to k and values to the probs (see cache_lib.after).
+      tie = cache_lib.after if g > 1 else lambda x, dep: x
+      p_old, p_new = causal_probs(scores(k), scores(tie(cache.k.astype(dt), k)), lengths)
+      o = attend(tie(cache.v.astype(dt), p_old), p_old) + attend(v, p_new)
+      # The write only feeds the returned cache and waits for o: in place in a donated buffer.
+      write = lambda buf, new: cache_lib.write(buf, cache_lib.after(new, o), lengths)
+      cache = cache_lib.KVCache(k=write(cache.k, k), v=write(cache.v, v))
+    return jnp.einsum("BTHK,HKD->BTD", o.reshape(b, t, h, kd), c(self.wo)), cache
 
 
 class MLAttention(nnx.Module):
@@ -104,30 +127,48 @@ class MLAttention(nnx.Module):
     cos, sin = rope_angles(positions, r, cfg.rope_theta)
     q_rope = apply_rope(q_rope, cos, sin, cfg.rope_layout)
     k_rope = apply_rope(k_rope, cos, sin, cfg.rope_layout)
-    if cache is not None:
-      cache = cache_lib.LatentCache(c=cache_lib.write(cache.c, latent, lengths),
-                                    k_rope=cache_lib.write(cache.k_rope, k_rope, lengths))
-      latent, k_rope = cache.c.astype(dt), cache.k_rope.astype(dt)
     if impl is None:
       one_token = cache is not None and x.shape[1] == 1
       impl = cfg.mla_decode_impl if one_token else cfg.mla_prefill_impl
     w_uk, w_uv = w(self.wkv_b)[..., :n], w(self.wkv_b)[..., n:]
     scale = (n + r) ** -0.5
     f32 = jnp.float32
-    rope_scores = jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=f32)
+    rope_scores = lambda k_r: jnp.einsum("BTHR,BSR->BHTS", q_rope, k_r, preferred_element_type=f32)
     if impl == "naive":
       # Rebuild per-head keys and values from every cached latent: H*(N+E) numbers per slot.
-      k_nope = jnp.einsum("BSC,CHN->BSHN", latent, w_uk)
-      v = jnp.einsum("BSC,CHE->BSHE", latent, w_uv)
-      scores = jnp.einsum("BTHN,BSHN->BHTS", q_nope, k_nope, preferred_element_type=f32)
-      probs = causal_probs((scores + rope_scores) * scale, positions).astype(dt)
-      o = jnp.einsum("BHTS,BSHE->BTHE", probs, v)
+      def scores(c_, k_r):  # c_ [B, S, C], k_r [B, S, R] -> [B, H, T, S]
+        k_nope = jnp.einsum("BSC,CHN->BSHN", c_, w_uk)
+        nope = jnp.einsum("BTHN,BSHN->BHTS", q_nope, k_nope, preferred_element_type=f32)
+        return (nope + rope_scores(k_r)) * scale
+
+      def attend(c_, probs):  # -> [B, T, H, E]
+        v = jnp.einsum("BSC,CHE->BSHE", c_, w_uv)
+        return jnp.einsum("BHTS,BSHE->BTHE", probs.astype(dt), v)
     else:
       # Absorbed: fold W_UK into the query and apply W_UV after attending, so attention runs over
       # the C-wide latents directly, like MQA with one shared key [c; k_rope] and value c.
       q_latent = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
-      scores = jnp.einsum("BTHC,BSC->BHTS", q_latent, latent, preferred_element_type=f32)
-      probs = causal_probs((scores + rope_scores) * scale, positions).astype(dt)
-      # Cache operand first: ~3.5x faster on XLA:CPU than "BHTS,BSC->BTHC" (see GQAttention).
-      o = jnp.einsum("BTHC,CHE->BTHE", jnp.einsum("BSC,BHTS->BTHC", latent, probs), w_uv)
+
+      def scores(c_, k_r):
+        nope = jnp.einsum("BTHC,BSC->BHTS", q_latent, c_, preferred_element_type=f32)
+        return (nope + rope_scores(k_r)) * scale
+
+      def attend(c_, probs):  # -> [B, T, H, C]; W_UV is applied once, after both blocks
+        # Cache operand first: ~3.5x faster on XLA:CPU than "BHTS,BSC->BTHC" (see GQAttention).
+        return jnp.einsum("BSC,BHTS->BTHC", c_, probs.astype(dt))
+    if cache is None:
+      o = attend(latent, causal_probs(scores(latent, k_rope))[1])
+    else:
+      latent = cache_lib.as_stored(latent, cache.c)
+      k_rope = cache_lib.as_stored(k_rope, cache.k_rope)
+      old_c = cache.c.astype(dt)
+      # Naive decompresses the whole cache: tie those copies as GQAttention ties its relayouts.
+      tie = cache_lib.after if impl == "naive" else lambda x, dep: x
+      p_old, p_new = causal_probs(scores(latent, k_rope),
+                                  scores(tie(old_c, latent), cache.k_rope.astype(dt)), lengths)
+      o = attend(tie(old_c, p_old), p_old) + attend(latent, p_new)
+      write = lambda buf, new: cache_lib.write(buf, cache_lib.after(new, o), lengths)
+      cache = cache_lib.LatentCache(c=write(cache.c, latent), k_rope=write(cache.k_rope, k_rope))
+    if impl != "naive":
+      o = jnp.einsum("BTHC,CHE->BTHE", o, w_uv)
     return jnp.einsum("BTHE,HED->BTD", o, w(self.wo)), cache

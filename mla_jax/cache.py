@@ -2,7 +2,7 @@
 
 Slot s of a cache holds the token at position s of its sequence; `lengths[b]` counts the tokens of
 sequence b written so far, so the next tokens go to slots lengths[b], lengths[b] + 1, ... Slots past
-a sequence's length may hold stale values (right-padded prompts); the causal mask hides them.
+a sequence's length may hold stale values (right-padded prompts); attention masks them out.
 
 MLA's cache holds only the normalised latent c and the rotated shared rope key: no per-head tensor.
 """
@@ -81,6 +81,26 @@ def write(buffer: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.Array:
   """Writes new [B, T, ...] into buffer [B, S, ...] at slots lengths[b] .. lengths[b] + T - 1."""
   update = lambda buf, x, start: jax.lax.dynamic_update_slice_in_dim(buf, x, start, axis=0)
   return jax.vmap(update)(buffer, new.astype(buffer.dtype), lengths)
+
+
+def after(x: jax.Array, dep: jax.Array) -> jax.Array:
+  """x unchanged, but computed from dep [B, ...] too, so XLA cannot run x's users before dep.
+
+  XLA schedules by data dependencies only (optimization_barrier does not survive on XLA:CPU).
+  attention.py uses this (1) to write the new tokens only after attention has read the old cache:
+  otherwise XLA cannot prove the reads come first and copies the donated buffer (twice, on
+  XLA:CPU) instead of updating it in place; and (2) to keep full copies made from the cache
+  (GQA's [B, G, S, K] relayout, naive MLA's decompression) in layer order: otherwise XLA:CPU runs
+  every layer's copies at the start of the step, all live at once. Exact: selects x for any dep.
+  """
+  ready = ~(dep.reshape(dep.shape[0], -1)[:, 0] > jnp.inf)  # always True (NaN too); XLA can't tell
+  return jnp.where(ready.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
+def as_stored(new: jax.Array, buffer: jax.Array) -> jax.Array:
+  """new [B, T, ...] rounded as `write` would store it in buffer (a no-op for the same dtype), so
+  the new tokens attend to exactly the values later tokens will read back from the cache."""
+  return new.astype(buffer.dtype).astype(new.dtype)
 
 
 def cache_bytes_per_token(cache: Cache) -> float:
