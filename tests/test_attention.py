@@ -17,18 +17,10 @@ from mla_jax.attention import GQAttention, MLAttention
 from mla_jax.config import ModelConfig
 from mla_jax.layers import apply_rope, interleaved_to_half_perm, rope_angles
 from mla_jax.model import Transformer
+from model_helpers import FAST_COMPILE, tiny
 
 ATOL = 1e-5
-# Test-side jits skip LLVM's optimisation passes: CPU compiles take ~2-3x less time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
-
-def tiny(**kw) -> ModelConfig:
-  base = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16, init_std=0.2)
-  if kw.get("attention", "mla") == "mla":
-    base.update(kv_lora_rank=16, qk_rope_head_dim=8)
-  base.update(kw)
-  return ModelConfig(**base)
 
 
 def random_module(cls, cfg: ModelConfig, seed: int = 0):

@@ -17,23 +17,19 @@ from flax import nnx
 from mla_jax import cache as cache_lib
 from mla_jax.config import ModelConfig, kv_cache_bytes_per_token
 from mla_jax.model import Transformer, count_params
+from model_helpers import FAST_COMPILE, tiny as _tiny
+
+
+def tiny(**kw):
+  """The shared tiny config with 2 layers (decode tests cross a layer boundary)."""
+  return _tiny(**{"n_layers": 2, **kw})
+
 
 # The package re-exports the function `generate`, which shadows the submodule as an attribute.
 gen = importlib.import_module("mla_jax.generate")
 
 ATOL = 1e-5
-# Test-side jits skip LLVM's optimisation passes: CPU compiles take ~2-3x less time and the
-# numbers do not depend on them (the library's own jits, decode_step_jit and generate, keep theirs).
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
-
-def tiny(**kw) -> ModelConfig:
-  """D 32, H 4, head dim 8, L 2; MLA: C 16, R 8 (N = E = 8)."""
-  base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, init_std=0.2)
-  if kw.get("attention", "mla") == "mla":
-    base.update(kv_lora_rank=16, qk_rope_head_dim=8)
-  base.update(kw)
-  return ModelConfig(**base)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -15,22 +15,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mla_jax import cache as cache_lib
 from mla_jax import sharding
-from mla_jax.config import ModelConfig
 from mla_jax.model import Transformer
+from model_helpers import FAST_COMPILE, tiny
 
 
-# Test-side jits skip LLVM's optimisation passes: CPU compiles on the 8-device mesh take ~3x less
-# time; shardings and numbers do not depend on them.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
-
-def tiny(**kw) -> ModelConfig:
-  """D 32, H 4, head dim 8, F 128, V 64; MLA: C 16, R 8, Q 8."""
-  base = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16, init_std=0.2)
-  if kw.get("attention", "mla") == "mla":
-    base.update(kv_lora_rank=16, qk_rope_head_dim=8)
-  base.update(kw)
-  return ModelConfig(**base)
 
 
 CONFIGS = {"gqa2": dict(attention="gqa", n_kv_heads=2), "mqa": dict(attention="mqa"),

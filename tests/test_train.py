@@ -33,7 +33,6 @@ from mla_jax import sharding as shd
 from mla_jax import trainer
 from mla_jax.config import ModelConfig
 from mla_jax.model import Transformer
-from mla_jax.optim import make_optimizer
 from mla_jax.step import TrainState, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
