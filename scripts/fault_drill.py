@@ -54,8 +54,10 @@ TIMEOUT = 300  # seconds, per train.py run
 # train.py on a failing disk, without needing one (tests run as root, so read-only permissions
 # would not stop the writes). orbax's CheckpointManager.save is wrapped so that, for the steps in
 # $DRILL_ENOSPC_STEPS, it raises ENOSPC at once (a synchronous failure), and for the steps in
-# $DRILL_EFBIG_STEPS, no file may grow past 64 KiB while that save runs: RLIMIT_FSIZE binds root
-# too and Python ignores SIGXFSZ, so orbax's background writer fails with "File too large".
+# $DRILL_EFBIG_STEPS, no file may grow past 16 KiB while that save runs: RLIMIT_FSIZE binds root
+# too and Python ignores SIGXFSZ, so orbax's background writer fails with "File too large". (The
+# embedding alone is 64 KiB; a 64 KiB limit let some saves through, as orbax packs arrays into
+# files depending on timing. The run's own stderr file stays under 16 KiB.)
 _FAULTY_DISK = r"""
 import errno, os, resource, runpy, sys
 import orbax.checkpoint as ocp
@@ -63,7 +65,7 @@ steps = lambda name: {int(s) for s in os.environ.get(name, "").split(",") if s}
 enospc, efbig = steps("DRILL_ENOSPC_STEPS"), steps("DRILL_EFBIG_STEPS")
 save = ocp.CheckpointManager.save
 def faulty_save(self, step, *args, **kwargs):
-  limit = 64 * 1024 if step in efbig else resource.RLIM_INFINITY
+  limit = 16 * 1024 if step in efbig else resource.RLIM_INFINITY
   resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
   if step in enospc:
     raise OSError(errno.ENOSPC, "No space left on device (simulated by fault_drill)")
