@@ -13,7 +13,7 @@ r"""Decoder-only LMs with MHA / GQA / MQA / MLA attention: the main experiment f
 
 Sizes (width D, layers L, heads H; MLA latent C = D/2, rope R = head_dim/2 unless overridden):
   tiny   D=64  L=2  H=4   tests and smoke runs (seconds)
-  small  D=256 L=4  H=4   CPU default: 600 steps x 4096 tokens, ~10 min on 2 cores
+  small  D=256 L=4  H=4   CPU default: 480 steps x 4096 tokens, ~10 min on 2 cores
   base   D=512 L=8  H=8   CPU MFU runs, ~26M params
   125m   D=768 L=12 H=12  GPU/TPU, GPT-2-small-sized
   350m   D=1024 L=24 H=16 GPU/TPU
@@ -24,7 +24,7 @@ from ml_collections import ConfigDict
 # size: (d_model, n_layers, n_heads, seq_len, global_batch, steps, lr)
 SIZES = {
     "tiny": (64, 2, 4, 64, 8, 50, 3e-3),
-    "small": (256, 4, 4, 256, 16, 600, 2e-3),
+    "small": (256, 4, 4, 256, 16, 480, 2e-3),
     "base": (512, 8, 8, 512, 16, 2000, 1e-3),
     "125m": (768, 12, 12, 1024, 256, 20000, 6e-4),
     "350m": (1024, 24, 16, 1024, 256, 40000, 3e-4),
