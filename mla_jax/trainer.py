@@ -216,12 +216,13 @@ def train(config, workdir: str) -> dict[str, Any]:
     return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero,
                       first_bad_step=zero - 1)
 
-  state_sh = state_shardings(jax.eval_shape(init), tx, param_sh, mesh)
+  init_shapes = jax.eval_shape(init)
+  state_sh = state_shardings(init_shapes, tx, param_sh, mesh)
   local_batch = t.global_batch // jax.process_count()
   it = data_lib.make_train_iterator(corpus.train, d.seq_len, local_batch, t.seed,
                                     jax.process_index(), jax.process_count(), d.worker_count)
   ckpt = Checkpointer(workdir, keep=t.keep_ckpts)
-  abstract_state = _abstract(jax.eval_shape(init), state_sh)
+  abstract_state = _abstract(init_shapes, state_sh)
   restored = ckpt.restore_latest_good(abstract_state.params, _opt_item(abstract_state), it)
   if restored is None:
     state = jax.jit(init, out_shardings=state_sh)()
@@ -256,7 +257,7 @@ def train(config, workdir: str) -> dict[str, Any]:
       f"{'resumed at step ' + str(start) if start else 'from scratch'} | workdir {workdir}")
 
   stop = _StopFlag()
-  last_log_time, last_log_step = time.perf_counter(), start
+  last_log_time, last_log_step, eval_time = time.perf_counter(), start, 0.0
   last_saved, val = start if restored else -1, None
   step = start
   try:
@@ -268,16 +269,17 @@ def train(config, workdir: str) -> dict[str, Any]:
       if step % t.log_every == 0 or step == t.steps:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
-        tok_s = tokens_per_step * (step - last_log_step) / (now - last_log_time)
-        last_log_time, last_log_step = now, step
+        tok_s = tokens_per_step * (step - last_log_step) / (now - last_log_time - eval_time)
+        last_log_time, last_log_step, eval_time = now, step, 0.0
         record.update(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
                       lr=float(schedule(step - 1)), tokens_per_s=tok_s,
                       mfu=tok_s * flops_per_token / (peak * jax.device_count()))
-        _check_finite(state, t.on_nonfinite, record, ckpt, workdir, logger)
+        _check_finite(state, t.on_nonfinite, record, ckpt, logger)
       if step % t.eval_every == 0 or step == t.steps:
+        eval_start = time.perf_counter()
         val = evaluator(state.params, corpus.val, corpus.val_bytes_per_token, t.eval_tokens)
         record.update({k: v for k, v in val.items() if k != "loss_by_position"})
-        last_log_time = time.perf_counter()  # eval time is not training throughput
+        eval_time += time.perf_counter() - eval_start  # eval time is not training throughput
       if record:
         record["tokens"] = step * tokens_per_step
         logger.log(step, record)
@@ -307,7 +309,7 @@ def _meta(step: int, record: dict, tokens_per_step: int) -> dict:
   return {"step": step, "tokens": step * tokens_per_step, "val_loss": record.get("val_loss")}
 
 
-def _check_finite(state, policy, record, ckpt: Checkpointer, workdir, logger):
+def _check_finite(state, policy, record, ckpt: Checkpointer, logger):
   skipped = int(state.skipped)
   record["skipped_updates"] = skipped
   if skipped and policy == "stop":
