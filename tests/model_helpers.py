@@ -1,5 +1,10 @@
 """Shared by the model, attention and sharding tests: tiny configs and fast test-side compiles."""
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 from mla_jax.config import ModelConfig
 
 # Test-side jits skip LLVM's optimisation passes: CPU compiles take ~2-3x less time and neither
@@ -14,3 +19,20 @@ def tiny(**kw) -> ModelConfig:
     base.update(kv_lora_rank=16, qk_rope_head_dim=8)
   base.update(kw)
   return ModelConfig(**base)
+
+
+def random_module(cls, cfg: ModelConfig, seed: int = 0):
+  """cls(cfg) with N(0, 0.2^2) weights and norm scales 1 + N(0, 0.2^2), drawn with numpy in a
+  fixed parameter order (so configs with the same parameter shapes get the same weights). Skips
+  the eager per-shape compiles of jax.random in the real constructor, which dominate test time;
+  tests of the constructor itself build with `cls(cfg, rngs=...)`."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def fill(v):
+    shape = v.get_value().shape
+    base = 1.0 if v.get_metadata()["axes"] == ("norm",) else 0.0
+    return v.replace(jnp.asarray(base + 0.2 * rng.standard_normal(shape), cfg.params_dtype))
+
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  return nnx.merge(graphdef, jax.tree.map(fill, state, is_leaf=is_var))

@@ -14,29 +14,11 @@ from flax import nnx
 
 from mla_jax import cache as cache_lib
 from mla_jax.attention import GQAttention, MLAttention
-from mla_jax.config import ModelConfig
 from mla_jax.layers import apply_rope, interleaved_to_half_perm, rope_angles
 from mla_jax.model import Transformer
-from model_helpers import FAST_COMPILE, tiny
+from model_helpers import FAST_COMPILE, random_module, tiny
 
 ATOL = 1e-5
-
-
-
-def random_module(cls, cfg: ModelConfig, seed: int = 0):
-  """cls(cfg) with N(0, 0.2^2) weights and norm scales 1 + N(0, 0.2^2), drawn with numpy in a
-  fixed parameter order (avoids the eager per-shape compiles of jax.random in the constructor;
-  the GQA/MHA/MQA equivalence tests below use the real constructor)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(v):
-    shape = v.get_value().shape
-    base = 1.0 if v.get_metadata()["axes"] == ("norm",) else 0.0
-    return v.replace(jnp.asarray(base + 0.2 * rng.standard_normal(shape), jnp.float32))
-
-  is_var = lambda x: isinstance(x, nnx.Variable)
-  return nnx.merge(graphdef, jax.tree.map(fill, state, is_leaf=is_var))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2), compiler_options=FAST_COMPILE)

@@ -17,7 +17,7 @@ from flax import nnx
 from mla_jax import cache as cache_lib
 from mla_jax.config import ModelConfig, kv_cache_bytes_per_token
 from mla_jax.model import Transformer, count_params
-from model_helpers import FAST_COMPILE, tiny as _tiny
+from model_helpers import FAST_COMPILE, random_module, tiny as _tiny
 
 
 def tiny(**kw):
@@ -31,22 +31,8 @@ gen = importlib.import_module("mla_jax.generate")
 ATOL = 1e-5
 
 
-
 def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-  """A Transformer with N(0, 0.2^2) weights and norm scales 1 + N(0, 0.2^2), drawn with numpy in
-  a fixed parameter order (so configs with the same parameter shapes get the same weights). Skips
-  the eager per-shape compiles of jax.random in the real constructor, which dominate test time;
-  tests of the constructor itself build with `Transformer(cfg, rngs=...)`."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(v):
-    shape = v.get_value().shape
-    base = 1.0 if v.get_metadata()["axes"] == ("norm",) else 0.0
-    return v.replace(jnp.asarray(base + 0.2 * rng.standard_normal(shape), cfg.params_dtype))
-
-  is_var = lambda x: isinstance(x, nnx.Variable)
-  return nnx.merge(graphdef, jax.tree.map(fill, state, is_leaf=is_var))
+  return random_module(Transformer, cfg, seed)
 
 
 VARIANTS = {
