@@ -17,34 +17,28 @@ one H100 at 30-40% of its bf16 peak, so ~6-8 hours for the 8 runs.
 
 from ml_collections import ConfigDict
 
-D, H = 768, 12
-Q = D // 2
 
-
-def get_config() -> ConfigDict:
+def sweep(name: str, size: str, d: int, h: int, steps: int, d_ff: dict[str, int],
+          train: dict) -> ConfigDict:
+  """The six accelerator variants at configs/lm.py `size` (width d, h heads); d_ff per run keeps
+  parameters within 3% of MHA's. Shared by this file and tpu.py."""
+  q = d // 2  # query latent rank of the MLA runs that compress queries
   c = ConfigDict()
-  c.name = "gpu"
+  c.name = name
   c.experiment = "configs/lm.py"
-  c.steps = 4000
+  c.steps = steps
   c.evals, c.ckpts, c.warmup_fraction = 20, 10, 0.05
   c.overrides = ConfigDict(dict(
-      model=dict(vocab_size=32768, qk_rope_head_dim=D // H // 2),
+      model=dict(vocab_size=32768, qk_rope_head_dim=d // h // 2),
       data=dict(source="tokens", path="data/fineweb_edu_bpe32k", seq_len=1024),
-      # 4 microbatches of 64 x 1024 tokens: the fp32 logits of 256 x 1024 tokens over a 32k
-      # vocabulary alone would take 34 GB.
-      train=dict(global_batch=256, microbatches=4, eval_tokens=4_194_304, seed=0),
+      train=dict(global_batch=256, eval_tokens=4_194_304, seed=0, **train),
   ))
-  c.runs = [
-      ("mha", "attn=mha,size=125m", {"model.d_ff": 2048}),
-      ("gqa2", "attn=gqa,size=125m", {"model.n_kv_heads": 2, "model.d_ff": 2472}),
-      ("mqa", "attn=mqa,size=125m", {"model.d_ff": 2520}),
-      ("mla_c224", "attn=mla,size=125m",
-       {"model.kv_lora_rank": 224, "model.q_lora_rank": Q, "model.d_ff": 2264}),
-      ("mla_c96", "attn=mla,size=125m",
-       {"model.kv_lora_rank": 96, "model.q_lora_rank": Q, "model.d_ff": 2392}),
-      ("mla_c224_noq", "attn=mla,size=125m",
-       {"model.kv_lora_rank": 224, "model.q_lora_rank": 0, "model.d_ff": 2200}),
-  ]
+  mla = lambda c_rank, q_rank: {"model.kv_lora_rank": c_rank, "model.q_lora_rank": q_rank}
+  variants = [("mha", "mha", {}), ("gqa2", "gqa", {"model.n_kv_heads": 2}), ("mqa", "mqa", {}),
+              ("mla_c224", "mla", mla(224, q)), ("mla_c96", "mla", mla(96, q)),
+              ("mla_c224_noq", "mla", mla(224, 0))]
+  c.runs = [(run, f"attn={attn},size={size}", {**extra, "model.d_ff": d_ff[run]})
+            for run, attn, extra in variants]
   c.reference = "mha"
   c.param_tolerance = 0.03
   c.seeds = {"gqa2": [1], "mla_c224": [1]}
@@ -53,3 +47,11 @@ def get_config() -> ConfigDict:
   c.decode_steps = 64
   c.eval_max_tokens = 0
   return c
+
+
+def get_config() -> ConfigDict:
+  # 4 microbatches of 64 x 1024 tokens: the fp32 logits of 256 x 1024 tokens over a 32k
+  # vocabulary alone would take 34 GB.
+  return sweep("gpu", "125m", 768, 12, 4000,
+               dict(mha=2048, gqa2=2472, mqa=2520, mla_c224=2264, mla_c96=2392, mla_c224_noq=2200),
+               train=dict(microbatches=4))

@@ -16,39 +16,16 @@ Cost: 6 * 337M params * 2.1B tokens ~ 4.2e18 FLOPs per run (+1/3 for remat): ~30
 (32 chips x 275 bf16 TFLOP/s) at 40% utilisation, ~4-5 hours for the 8 runs.
 """
 
+import os
+import sys
+
 from ml_collections import ConfigDict
 
-D, H = 1024, 16
-Q = D // 2
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling gpu sweep
+import gpu  # noqa: E402
 
 
 def get_config() -> ConfigDict:
-  c = ConfigDict()
-  c.name = "tpu"
-  c.experiment = "configs/lm.py"
-  c.steps = 8000
-  c.evals, c.ckpts, c.warmup_fraction = 20, 10, 0.05
-  c.overrides = ConfigDict(dict(
-      model=dict(vocab_size=32768, qk_rope_head_dim=D // H // 2),
-      data=dict(source="tokens", path="data/fineweb_edu_bpe32k", seq_len=1024),
-      train=dict(global_batch=256, eval_tokens=4_194_304, seed=0),
-  ))
-  c.runs = [
-      ("mha", "attn=mha,size=350m", {"model.d_ff": 2752}),
-      ("gqa2", "attn=gqa,size=350m", {"model.n_kv_heads": 2, "model.d_ff": 3352}),
-      ("mqa", "attn=mqa,size=350m", {"model.d_ff": 3392}),
-      ("mla_c224", "attn=mla,size=350m",
-       {"model.kv_lora_rank": 224, "model.q_lora_rank": Q, "model.d_ff": 3112}),
-      ("mla_c96", "attn=mla,size=350m",
-       {"model.kv_lora_rank": 96, "model.q_lora_rank": Q, "model.d_ff": 3240}),
-      ("mla_c224_noq", "attn=mla,size=350m",
-       {"model.kv_lora_rank": 224, "model.q_lora_rank": 0, "model.d_ff": 3032}),
-  ]
-  c.reference = "mha"
-  c.param_tolerance = 0.03
-  c.seeds = {"gqa2": [1], "mla_c224": [1]}
-  c.decode_lengths = "256,512,1024"
-  c.decode_rounds = 3  # final decode timing: all runs interleaved, this many rounds
-  c.decode_steps = 64
-  c.eval_max_tokens = 0
-  return c
+  return gpu.sweep("tpu", "350m", 1024, 16, 8000,
+                   dict(mha=2752, gqa2=3352, mqa=3392, mla_c224=3112, mla_c96=3240,
+                        mla_c224_noq=3032), train={})
