@@ -9,6 +9,7 @@ on every process (TPU pods need no flags: jax.distributed finds its peers).
 import logging as pylogging
 import os
 import sys
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -61,9 +62,11 @@ def main(argv):
     summary = trainer.train(FLAGS.config, FLAGS.workdir)
   except (ValueError, OSError, trainer.NonFiniteError, trainer.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
-    # A failed async save leaves asyncio futures whose 'exception never retrieved' reports would
-    # come after this line at exit; the failure is reported above.
+    # A failed async save leaves asyncio futures ('exception never retrieved') and orbax read
+    # coroutines ('never awaited') whose reports would come after this line at exit; the failure
+    # is reported above, and the error must stay the last line.
     pylogging.getLogger("asyncio").disabled = True
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
     sys.exit(1)
   final = summary["final"] or {}
   if jax.process_index() == 0 and final:
