@@ -366,5 +366,7 @@ def define_flags():
 
 
 if __name__ == "__main__":
+  from mla_jax import host_memory
+  host_memory.configure_entry_point()  # malloc settings for fast XLA:CPU runs; see its docstring
   define_flags()
   app.run(main)

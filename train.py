@@ -75,4 +75,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from mla_jax import host_memory
+  host_memory.configure_entry_point()  # malloc settings for fast XLA:CPU steps; see its docstring
   app.run(main, flags_parser=_parse_flags)

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mla_jax import data as data_lib
+from mla_jax import host_memory
 from mla_jax import sharding as shd
 from mla_jax.checkpoint import CONFIG_FILE, Checkpointer, CheckpointError, _abstract
 from mla_jax.config import ModelConfig
@@ -188,6 +189,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   sizes, rules = check_config(config)
   make_optimizer(lr=o.lr, steps=t.steps, warmup_steps=o.warmup_steps, schedule=o.schedule)  # check
   is_main = jax.process_index() == 0
+  host_memory.tune_malloc()  # XLA:CPU's per-step temp buffer stays in the heap: no page faults
   os.makedirs(workdir, exist_ok=True)
 
   corpus = data_lib.load_corpus(d.source, d.path, d.tokenizer, d.vocab_size, workdir=workdir,
