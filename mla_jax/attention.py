@@ -17,7 +17,7 @@ from flax import nnx
 
 from mla_jax import cache as cache_lib
 from mla_jax.config import ModelConfig
-from mla_jax.layers import RMSNorm, apply_rope, param, rope_angles
+from mla_jax.layers import RMSNorm, apply_rope, dense, param, rope_angles
 
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
 
@@ -56,9 +56,9 @@ class GQAttention(nnx.Module):
   def __call__(self, x, positions, cache: cache_lib.KVCache | None = None, lengths=None):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     c = lambda p: p[...].astype(dt)
-    q = jnp.einsum("BTD,DHK->BTHK", x, c(self.wq))
-    k = jnp.einsum("BTD,DGK->BTGK", x, c(self.wk))
-    v = jnp.einsum("BTD,DGK->BTGK", x, c(self.wv))
+    q = dense(x, c(self.wq))  # [B, T, H, K]
+    k = dense(x, c(self.wk))  # [B, T, G, K]
+    v = dense(x, c(self.wv))
     cos, sin = rope_angles(positions, cfg.qk_head_dim, cfg.rope_theta)
     q = apply_rope(q, cos, sin, cfg.rope_layout)
     k = apply_rope(k, cos, sin, cfg.rope_layout)
@@ -82,7 +82,7 @@ class GQAttention(nnx.Module):
       # The write only feeds the returned cache and waits for o: in place in a donated buffer.
       write = lambda buf, new: cache_lib.write(buf, cache_lib.after(new, o), lengths)
       cache = cache_lib.KVCache(k=write(cache.k, k), v=write(cache.v, v))
-    return jnp.einsum("BTHK,HKD->BTD", o.reshape(b, t, h, kd), c(self.wo)), cache
+    return dense(o.reshape(b, t, h, kd), c(self.wo), n_in=2), cache
 
 
 class MLAttention(nnx.Module):
@@ -117,12 +117,11 @@ class MLAttention(nnx.Module):
     n, r = cfg.nope_dim, cfg.qk_rope_head_dim
     w = lambda p: p[...].astype(dt)
     if cfg.q_lora_rank:
-      q = jnp.einsum("BTQ,QHK->BTHK", self.q_norm(jnp.einsum("BTD,DQ->BTQ", x, w(self.wq_a))),
-                     w(self.wq_b))
+      q = dense(self.q_norm(dense(x, w(self.wq_a))), w(self.wq_b))  # [B, T, H, N + R]
     else:
-      q = jnp.einsum("BTD,DHK->BTHK", x, w(self.wq))
+      q = dense(x, w(self.wq))
     q_nope, q_rope = q[..., :n], q[..., n:]
-    kv = jnp.einsum("BTD,DC->BTC", x, w(self.wkv_a))
+    kv = dense(x, w(self.wkv_a))
     latent, k_rope = self.kv_norm(kv[..., :cfg.kv_lora_rank]), kv[..., cfg.kv_lora_rank:]
     cos, sin = rope_angles(positions, r, cfg.rope_theta)
     q_rope = apply_rope(q_rope, cos, sin, cfg.rope_layout)
@@ -137,12 +136,12 @@ class MLAttention(nnx.Module):
     if impl == "naive":
       # Rebuild per-head keys and values from every cached latent: H*(N+E) numbers per slot.
       def scores(c_, k_r):  # c_ [B, S, C], k_r [B, S, R] -> [B, H, T, S]
-        k_nope = jnp.einsum("BSC,CHN->BSHN", c_, w_uk)
+        k_nope = dense(c_, w_uk)  # [B, S, H, N]
         nope = jnp.einsum("BTHN,BSHN->BHTS", q_nope, k_nope, preferred_element_type=f32)
         return (nope + rope_scores(k_r)) * scale
 
       def attend(c_, probs):  # -> [B, T, H, E]
-        v = jnp.einsum("BSC,CHE->BSHE", c_, w_uv)
+        v = dense(c_, w_uv)  # [B, S, H, E]
         return jnp.einsum("BHTS,BSHE->BTHE", probs.astype(dt), v)
     else:
       # Absorbed: fold W_UK into the query and apply W_UV after attending, so attention runs over
@@ -171,4 +170,4 @@ class MLAttention(nnx.Module):
       cache = cache_lib.LatentCache(c=write(cache.c, latent), k_rope=write(cache.k_rope, k_rope))
     if impl != "naive":
       o = jnp.einsum("BTHC,CHE->BTHE", o, w_uv)
-    return jnp.einsum("BTHE,HED->BTD", o, w(self.wo)), cache
+    return dense(o, w(self.wo), n_in=2), cache

@@ -24,6 +24,27 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
   return nnx.Param(value, axes=axes)
 
 
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+  """Projects x [..., *I] with w [*I, *O] -> [..., *O] as ONE 2-D matmul ([M, prod I] @ [prod I,
+  prod O]), where I is w's first `n_in` dims.
+
+  Same result as the einsum, but the weight gradient is then a single-contraction dot: the einsum's
+  gradient contracts two or more dims (B and T), which XLA:CPU canonicalises with a transposing
+  copy of the output gradient per weight, ~30% of an MLP's forward+backward time on CPU.
+  """
+  lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+  assert x.shape[x.ndim - n_in:] == ins, (x.shape, w.shape, n_in)
+  y = x.reshape(-1, _prod(ins)) @ w.reshape(_prod(ins), _prod(outs))
+  return y.reshape(*lead, *outs)
+
+
+def _prod(dims: tuple[int, ...]) -> int:
+  out = 1
+  for d in dims:
+    out *= d
+  return out
+
+
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale over the last axis, computed in float32."""
 
@@ -84,9 +105,8 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     c = lambda p: p[...].astype(self.dtype)
-    h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, c(self.gate))) * jnp.einsum(
-        "BTD,DF->BTF", x, c(self.up))
-    return jnp.einsum("BTF,FD->BTD", h, c(self.down))
+    h = jax.nn.silu(dense(x, c(self.gate))) * dense(x, c(self.up))  # [B, T, F]
+    return dense(h, c(self.down))
 
 
 class Embed(nnx.Module):
@@ -103,4 +123,4 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """[B, T, D] -> logits [B, T, V] against the embedding table."""
-    return jnp.einsum("BTD,VD->BTV", x, self.table[...].astype(self.dtype))
+    return dense(x, self.table[...].astype(self.dtype).T)

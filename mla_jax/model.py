@@ -14,7 +14,7 @@ from flax import nnx
 from mla_jax import cache as cache_lib
 from mla_jax.attention import GQAttention, MLAttention
 from mla_jax.config import ModelConfig
-from mla_jax.layers import MLP, Embed, RMSNorm, param
+from mla_jax.layers import MLP, Embed, RMSNorm, dense, param
 
 
 class Block(nnx.Module):
@@ -79,7 +79,7 @@ class Transformer(nnx.Module):
     if self.cfg.tie_embeddings:
       logits = self.embed.attend(x)
     else:
-      logits = jnp.einsum("BTD,DV->BTV", x, self.head[...].astype(self.cfg.compute_dtype))
+      logits = dense(x, self.head[...].astype(self.cfg.compute_dtype))  # [B, T, V]
     return logits.astype(jnp.float32), tuple(new_layers)
 
 
