@@ -58,7 +58,7 @@ def get_config(arg: str = "") -> ConfigDict:
       max_seq_len=max(seq_len, 1024),
       n_kv_heads={"gqa": max(heads // 4, 1)}.get(a["attn"], 0), head_dim=0,
       q_lora_rank=0, kv_lora_rank=d // 2, qk_nope_head_dim=0, qk_rope_head_dim=d // heads // 2,
-      v_head_dim=0, mla_prefill_impl="naive", mla_decode_impl="absorbed",
+      v_head_dim=0, mla_prefill_impl="naive", mla_decode_impl="absorbed", attn_block=128,
       rope_theta=10000.0, rope_layout="half", norm_eps=1e-6, tie_embeddings=True, init_std=0.02,
       dtype="bfloat16" if accelerator else "float32", param_dtype="float32", cache_dtype="",
       remat=accelerator))

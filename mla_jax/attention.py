@@ -22,22 +22,36 @@ from mla_jax.layers import RMSNorm, apply_rope, dense, param, rope_angles
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
 
 
-def causal_probs(new: jax.Array, old: jax.Array | None = None, lengths: jax.Array | None = None):
-  """One softmax over the keys [old cache slots; new tokens] -> (old probs or None, new probs).
+def causal_probs(new: jax.Array, old: jax.Array, lengths: jax.Array):
+  """One softmax over the keys [old cache slots; new tokens] -> (old probs, new probs).
 
   new [B, ..., T, T] float32 scores of the new tokens against themselves: query t sees t' <= t.
-  old [B, ..., T, S] float32 scores against the cache before this call's write, or None (no
-  cache): slot s is visible iff s < lengths[b] (later slots may hold stale right-padding).
+  old [B, ..., T, S] float32 scores against the cache before this call's write: slot s is visible
+  iff s < lengths[b] (later slots may hold stale right-padding).
   The scores are concatenated (small: [.., T, S + T]), not the keys, so the cache is never copied.
   """
-  t = new.shape[-1]
+  t, s = new.shape[-1], old.shape[-1]
   new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new, _NEG)
-  if old is None:
-    return None, jax.nn.softmax(new, axis=-1)
-  s = old.shape[-1]
   filled = jnp.arange(s) < lengths.reshape(lengths.shape + (1,) * (old.ndim - 1))  # [B, 1.., S]
   probs = jax.nn.softmax(jnp.concatenate([jnp.where(filled, old, _NEG), new], axis=-1), axis=-1)
   return probs[..., :s], probs[..., s:]
+
+
+def causal_attention(t: int, block: int, scores, attend) -> jax.Array:
+  """Attention of T tokens over themselves (no cache), one query block at a time.
+
+  scores(rows, end) -> [B, ..., len(rows), end] float32 scores of the queries in slice `rows`
+  against keys [0, end); attend(end, probs) -> [B, len(rows), ...] the probs-weighted values
+  [0, end). Query block [i, i + block) only scores keys [0, i + block): the masked keys after its
+  block are never computed, (n + 1) / 2n of the T x T scores for n blocks. block 0: one block.
+  """
+  outs = []
+  for start in range(0, t, block or t):
+    end = min(start + (block or t), t)
+    visible = jnp.arange(end) <= jnp.arange(start, end)[:, None]  # [rows, end]
+    probs = jax.nn.softmax(jnp.where(visible, scores(slice(start, end), end), _NEG), axis=-1)
+    outs.append(attend(end, probs))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 class GQAttention(nnx.Module):
@@ -65,13 +79,14 @@ class GQAttention(nnx.Module):
     b, t, h, kd = q.shape
     g = k.shape[2]
     q = q.reshape(b, t, g, h // g, kd)  # M = H / G query heads per kv head
-    scores = lambda keys: jnp.einsum("BTGMK,BSGK->BGMTS", q, keys,
-                                     preferred_element_type=jnp.float32) * kd ** -0.5
+    scores = lambda keys, rows=slice(None): jnp.einsum(
+        "BTGMK,BSGK->BGMTS", q[:, rows], keys, preferred_element_type=jnp.float32) * kd ** -0.5
     # Operand order matters on XLA:CPU: with probs first, this decode-shaped dot (contracting the
     # long S axis) runs ~2-7x slower than with the cache first (scripts/bench_decode.py).
     attend = lambda values, probs: jnp.einsum("BSGK,BGMTS->BTGMK", values, probs.astype(dt))
     if cache is None:
-      o = attend(v, causal_probs(scores(k))[1])
+      o = causal_attention(t, cfg.attn_block, lambda rows, end: scores(k[:, :end], rows),
+                           lambda end, probs: attend(v[:, :end], probs))
     else:
       k, v = cache_lib.as_stored(k, cache.k), cache_lib.as_stored(v, cache.v)
       # With G > 1 the dots first relayout the cache to [B, G, S, K] (a full copy): tie each copy
@@ -132,40 +147,48 @@ class MLAttention(nnx.Module):
     w_uk, w_uv = w(self.wkv_b)[..., :n], w(self.wkv_b)[..., n:]
     scale = (n + r) ** -0.5
     f32 = jnp.float32
-    rope_scores = lambda k_r: jnp.einsum("BTHR,BSR->BHTS", q_rope, k_r, preferred_element_type=f32)
+    # keys_of(c, k_rope) and values_of(c) give what scores and attend read for latents c [B, S, C].
     if impl == "naive":
-      # Rebuild per-head keys and values from every cached latent: H*(N+E) numbers per slot.
-      def scores(c_, k_r):  # c_ [B, S, C], k_r [B, S, R] -> [B, H, T, S]
-        k_nope = dense(c_, w_uk)  # [B, S, H, N]
-        nope = jnp.einsum("BTHN,BSHN->BHTS", q_nope, k_nope, preferred_element_type=f32)
-        return (nope + rope_scores(k_r)) * scale
+      # Rebuild per-head keys and values from every latent: H*(N+E) numbers per slot.
+      keys_of = lambda c_, k_r: (dense(c_, w_uk), k_r)  # [B, S, H, N], [B, S, R]
+      values_of = lambda c_: dense(c_, w_uv)  # [B, S, H, E]
 
-      def attend(c_, probs):  # -> [B, T, H, E]
-        v = dense(c_, w_uv)  # [B, S, H, E]
-        return jnp.einsum("BHTS,BSHE->BTHE", probs.astype(dt), v)
+      def scores(keys, rows=slice(None)):  # -> [B, H, T, S]
+        nope = jnp.einsum("BTHN,BSHN->BHTS", q_nope[:, rows], keys[0], preferred_element_type=f32)
+        rope = jnp.einsum("BTHR,BSR->BHTS", q_rope[:, rows], keys[1], preferred_element_type=f32)
+        return (nope + rope) * scale
+
+      def attend(values, probs):  # -> [B, T, H, E]
+        return jnp.einsum("BHTS,BSHE->BTHE", probs.astype(dt), values)
     else:
       # Absorbed: fold W_UK into the query and apply W_UV after attending, so attention runs over
       # the C-wide latents directly, like MQA with one shared key [c; k_rope] and value c.
       q_latent = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
+      keys_of, values_of = lambda c_, k_r: (c_, k_r), lambda c_: c_
 
-      def scores(c_, k_r):
-        nope = jnp.einsum("BTHC,BSC->BHTS", q_latent, c_, preferred_element_type=f32)
-        return (nope + rope_scores(k_r)) * scale
+      def scores(keys, rows=slice(None)):
+        nope = jnp.einsum("BTHC,BSC->BHTS", q_latent[:, rows], keys[0], preferred_element_type=f32)
+        rope = jnp.einsum("BTHR,BSR->BHTS", q_rope[:, rows], keys[1], preferred_element_type=f32)
+        return (nope + rope) * scale
 
-      def attend(c_, probs):  # -> [B, T, H, C]; W_UV is applied once, after both blocks
+      def attend(values, probs):  # -> [B, T, H, C]; W_UV is applied once, after both blocks
         # Cache operand first: ~3.5x faster on XLA:CPU than "BHTS,BSC->BTHC" (see GQAttention).
-        return jnp.einsum("BSC,BHTS->BTHC", c_, probs.astype(dt))
+        return jnp.einsum("BSC,BHTS->BTHC", values, probs.astype(dt))
     if cache is None:
-      o = attend(latent, causal_probs(scores(latent, k_rope))[1])
+      keys, values = keys_of(latent, k_rope), values_of(latent)
+      o = causal_attention(x.shape[1], cfg.attn_block,
+                           lambda rows, end: scores(tuple(a[:, :end] for a in keys), rows),
+                           lambda end, probs: attend(values[:, :end], probs))
     else:
       latent = cache_lib.as_stored(latent, cache.c)
       k_rope = cache_lib.as_stored(k_rope, cache.k_rope)
       old_c = cache.c.astype(dt)
       # Naive decompresses the whole cache: tie those copies as GQAttention ties its relayouts.
       tie = cache_lib.after if impl == "naive" else lambda x, dep: x
-      p_old, p_new = causal_probs(scores(latent, k_rope),
-                                  scores(tie(old_c, latent), cache.k_rope.astype(dt)), lengths)
-      o = attend(tie(old_c, p_old), p_old) + attend(latent, p_new)
+      p_old, p_new = causal_probs(scores(keys_of(latent, k_rope)),
+                                  scores(keys_of(tie(old_c, latent), cache.k_rope.astype(dt))),
+                                  lengths)
+      o = attend(values_of(tie(old_c, p_old)), p_old) + attend(values_of(latent), p_new)
       write = lambda buf, new: cache_lib.write(buf, cache_lib.after(new, o), lengths)
       cache = cache_lib.LatentCache(c=write(cache.c, latent), k_rope=write(cache.k_rope, k_rope))
     if impl != "naive":

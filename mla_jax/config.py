@@ -44,6 +44,9 @@ class ModelConfig:
   v_head_dim: int = 0  # E; 0 -> D // H
   mla_prefill_impl: str = "naive"  # path for multi-token queries (training, prefill)
   mla_decode_impl: str = "absorbed"  # path for one-token decode steps
+  # Training / prefill without a cache runs causal attention in query blocks of this many tokens,
+  # each scoring only the keys it can see (about half the T x T work skipped); 0 = one block.
+  attn_block: int = 128
   # Shared.
   rope_theta: float = 10000.0
   rope_layout: str = "half"  # half (Llama/HF) | interleaved (DeepSeek checkpoints)
@@ -168,6 +171,8 @@ def _validate_mla(c: ModelConfig) -> None:
   if c.qk_rope_head_dim > c.nope_dim:
     _fail("qk_rope_head_dim", f"{c.qk_rope_head_dim} is larger than the head dim "
           f"qk_nope_head_dim={c.nope_dim}")
+  if c.attn_block < 0:
+    _fail("attn_block", f"must be >= 0 (0 = one block), got {c.attn_block}")
   for name in ("mla_prefill_impl", "mla_decode_impl"):
     if getattr(c, name) not in MLA_IMPLS:
       _fail(name, f"{getattr(c, name)!r} is not one of {MLA_IMPLS}")

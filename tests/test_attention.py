@@ -206,6 +206,30 @@ def test_gqa_cache_matches_no_cache():
     np.testing.assert_allclose(out[b, 0], ref[b, n], atol=ATOL)
 
 
+@pytest.mark.parametrize("attention,impl", [("gqa", None), ("mla", "naive"), ("mla", "absorbed")])
+def test_blocked_causal_attention_equals_one_block(attention, impl):
+  """attn_block=4 over T=13 (blocks 4, 4, 4, 1, each scoring only the keys it sees) gives the same
+  outputs and input gradients as one T x T block."""
+  x = jax.random.normal(jax.random.key(13), (2, 13, 32))
+  pos = jnp.broadcast_to(jnp.arange(13), (2, 13))
+  results = []
+  for block in (0, 4):
+    cfg = tiny(attention=attention, max_seq_len=16, attn_block=block,
+               **({"n_kv_heads": 2} if attention == "gqa" else {}))
+    att = random_module(GQAttention if attention == "gqa" else MLAttention, cfg, seed=2)
+    graphdef, state = nnx.split(att)
+
+    def loss(x_):
+      module = nnx.merge(graphdef, state)
+      return jnp.sum(jnp.sin((module(x_, pos, impl=impl) if impl else module(x_, pos))[0]))
+
+    results.append((call(att, x, pos, impl=impl)[0], jax.jit(jax.grad(loss))(x)))
+  (out0, grad0), (out4, grad4) = results
+  np.testing.assert_allclose(out4, out0, atol=ATOL)
+  np.testing.assert_allclose(grad4, grad0, atol=ATOL)
+  assert np.abs(np.asarray(out0)).max() > 0.1
+
+
 # MLA: absorbed == naive ---------------------------------------------------------------------------
 
 
