@@ -278,6 +278,9 @@ def train(config, workdir: str) -> dict[str, Any]:
                       mfu=tok_s * flops_per_token / (peak * jax.device_count()))
         _check_finite(state, t.on_nonfinite, record, ckpt, logger)
       if step % t.eval_every == 0 or step == t.steps:
+        # Steps dispatched so far may still be running: finish them first, or their time would
+        # count as eval time and inflate the next logged tokens/s.
+        jax.block_until_ready(state)
         eval_start = time.perf_counter()
         val = evaluator(state.params, corpus.val, corpus.val_bytes_per_token, t.eval_tokens)
         record.update({k: v for k, v in val.items() if k != "loss_by_position"})
