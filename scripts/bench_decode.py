@@ -32,13 +32,15 @@ absorbed / MQA time (<= 2x).
 Findings (2-core CPU, XLA:CPU):
 - Absorbed vs naive: naive re-expands every cached latent into H * (N + E) = 1024 numbers per slot
   each step (2 * C * H * (N + E) = 0.5 MFLOP per cached token per layer); absorbed does
-  2 * H * (2C + R) = 8.7 kFLOP. Measured 19x (batch 1) and 26x (batch 8) faster at 16k (target
+  2 * H * (2C + R) = 8.7 kFLOP. Measured 20x (batch 1) and 21x (batch 8) faster at 16k (target
   met).
 - Absorbed / MQA stays above 2x, and must with this ratio: per cached token absorbed MLA reads
   C + R = 288 numbers (MQA: 2K = 128, 2.25x) and, as two separate einsums (scores over [c; k_R],
   then probs @ c), reads the latent twice and does 2H(2C + R) vs 2H(2K) FLOPs = 4.25x. Decode
-  attention on this CPU is bound by those small-M matmuls: measured 3.0x (b1) and 3.65x (b8) at 16k.
-  Only a smaller C (e.g. C = 2 d_h) or a fused kernel that reads c once would approach 2x.
+  attention on this CPU is bound by those small-M matmuls: measured 2.08x (b1) and 2.86x (b8) at
+  16k. Only a smaller C (e.g. C = 2 d_h) or a fused kernel that reads c once would approach 2x; a
+  chunked lax.scan with an online softmax (chunks of 256-2048 slots, so a chunk of c is re-read
+  from cache) was 1.2-2.6x slower than the two einsums (per-iteration overhead, dynamic slices).
 - The probs @ values einsums of both GQAttention and MLAttention (absorbed) used to put the probs
   operand first; XLA:CPU then ran that dot 2-7x slower (absorbed b8/4k 75.8 -> 24.7 ms/step, MQA
   13.5 -> 8.9). Swapping the operands in attention.py fixed it (same math, same outputs).
