@@ -8,23 +8,10 @@
     model = load_model("runs/mla")                # a trained model from its workdir
 """
 
-import importlib
-
-# Names are imported on first use, so entry points can reach light modules (host_memory, config)
-# before JAX and Flax load (train.py re-execs itself before importing them).
-_EXPORTS = {"Cache": "cache", "init_cache": "cache", "ModelConfig": "config",
-            "kv_cache_bytes_per_token": "config", "generate": "generate",
-            "Transformer": "model", "count_params": "model"}
-
-
-def __getattr__(name: str):
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(f"mla_jax.{_EXPORTS[name]}"), name)
-  raise AttributeError(f"module 'mla_jax' has no attribute {name!r}")
-
-
-def __dir__():
-  return sorted(__all__)
+from mla_jax.cache import Cache, init_cache
+from mla_jax.config import ModelConfig, kv_cache_bytes_per_token
+from mla_jax.generate import generate
+from mla_jax.model import Transformer, count_params
 
 
 def load_model(workdir: str, which: str = "latest"):
