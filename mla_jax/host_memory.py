@@ -12,7 +12,9 @@ maps fresh pages, faults each one in on first touch (the kernel zeroes it) and u
                        glibc reads tunables only at process start, so entry points re-exec
                        themselves once with it set (`reexec_with_hugepage_malloc`).
 
-Entry points (train.py, eval.py, scripts/bench_train.py) call `configure_entry_point()` first thing;
+Entry points (train.py, eval.py, scripts/bench_train.py) call `configure_entry_point()` before
+anything else runs (importing the package costs ~1.5 s, paid twice by the re-exec; a lazy package
+__init__ would avoid it but made `from mla_jax import generate` return the submodule);
 `trainer.train` calls `tune_malloc()` for library users.
 
 Measured on 2-core CPU machines (README, "Results so far"): the Shakespeare recipe's whole loop

@@ -7,6 +7,7 @@ Weights use init_std 0.2 so attention is far from uniform (REFERENCE.md warns th
 
 import functools
 import importlib
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -311,3 +312,12 @@ def test_count_params_mla_attention():
   mla = count_params(random_model(tiny(attention="mla")))
   mha = count_params(random_model(tiny(attention="mha")))
   assert mla["total"] - mha["total"] == 2 * (mla_attn - mha_attn)
+
+
+def test_package_exports_the_documented_functions():
+  """`from mla_jax import generate` is the function even after the submodule mla_jax.generate was
+  imported (a lazy package __init__ once returned the module here)."""
+  importlib.import_module("mla_jax.generate")
+  from mla_jax import Transformer, generate, load_model
+  assert inspect.isfunction(generate) and generate.__module__ == "mla_jax.generate"
+  assert inspect.isfunction(load_model) and inspect.isclass(Transformer)
