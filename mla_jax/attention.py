@@ -147,6 +147,8 @@ class MLAttention(nnx.Module):
     w_uk, w_uv = w(self.wkv_b)[..., :n], w(self.wkv_b)[..., n:]
     scale = (n + r) ** -0.5
     f32 = jnp.float32
+    rope_scores = lambda k_r, rows: jnp.einsum("BTHR,BSR->BHTS", q_rope[:, rows], k_r,
+                                               preferred_element_type=f32)
     # keys_of(c, k_rope) and values_of(c) give what scores and attend read for latents c [B, S, C].
     if impl == "naive":
       # Rebuild per-head keys and values from every latent: H*(N+E) numbers per slot.
@@ -155,8 +157,7 @@ class MLAttention(nnx.Module):
 
       def scores(keys, rows=slice(None)):  # -> [B, H, T, S]
         nope = jnp.einsum("BTHN,BSHN->BHTS", q_nope[:, rows], keys[0], preferred_element_type=f32)
-        rope = jnp.einsum("BTHR,BSR->BHTS", q_rope[:, rows], keys[1], preferred_element_type=f32)
-        return (nope + rope) * scale
+        return (nope + rope_scores(keys[1], rows)) * scale
 
       def attend(values, probs):  # -> [B, T, H, E]
         return jnp.einsum("BHTS,BSHE->BTHE", probs.astype(dt), values)
@@ -168,8 +169,7 @@ class MLAttention(nnx.Module):
 
       def scores(keys, rows=slice(None)):
         nope = jnp.einsum("BTHC,BSC->BHTS", q_latent[:, rows], keys[0], preferred_element_type=f32)
-        rope = jnp.einsum("BTHR,BSR->BHTS", q_rope[:, rows], keys[1], preferred_element_type=f32)
-        return (nope + rope) * scale
+        return (nope + rope_scores(keys[1], rows)) * scale
 
       def attend(values, probs):  # -> [B, T, H, C]; W_UV is applied once, after both blocks
         # Cache operand first: ~3.5x faster on XLA:CPU than "BHTS,BSC->BTHC" (see GQAttention).

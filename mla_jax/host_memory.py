@@ -18,8 +18,9 @@ __init__ would avoid it but made `from mla_jax import generate` return the submo
 `trainer.train` calls `tune_malloc()` for library users.
 
 Measured on 2-core CPU machines (README, "Results so far"): the Shakespeare recipe's whole loop
-goes from ~11.6k to ~14.9k tokens/s, the width-512 step from ~16.5 s to ~13.3-14.4 s. Accelerator backends are unaffected
-(their buffers are device memory). Set MLA_JAX_HOST_MALLOC=0 to leave malloc alone.
+goes from ~11.6k to ~14.9k tokens/s, the width-512 step from ~16.5 s to ~13.3-14.4 s. Accelerator
+backends are unaffected (their buffers are device memory). MLA_JAX_HOST_MALLOC=0 leaves malloc
+alone.
 """
 
 import ctypes
@@ -36,8 +37,8 @@ _HUGETLB = "glibc.malloc.hugetlb=1"
 _tuned = False
 
 
-def _enabled() -> bool:
-  return os.environ.get(OPT_OUT, "1") != "0"
+def _enabled(environ=None) -> bool:
+  return (os.environ if environ is None else environ).get(OPT_OUT, "1") != "0"
 
 
 def _glibc_version() -> tuple[int, ...] | None:
@@ -70,7 +71,7 @@ def hugepage_malloc_env(environ=None) -> dict[str, str] | None:
   already does, cannot (not glibc >= 2.35, THP disabled) or is opted out of."""
   env = dict(os.environ if environ is None else environ)
   version = _glibc_version()
-  if env.get(OPT_OUT, "1") == "0" or version is None or version < (2, 35):
+  if not _enabled(env) or version is None or version < (2, 35):
     return None
   tunables = env.get("GLIBC_TUNABLES", "")
   if "glibc.malloc.hugetlb=" in tunables:  # already set, by us or by the user: respect it
@@ -86,7 +87,7 @@ def hugepage_malloc_env(environ=None) -> dict[str, str] | None:
 
 
 def reexec_with_hugepage_malloc() -> None:
-  """Call first thing in an entry point's `__main__` (before JAX starts threads): replaces the
+  """Call first thing in an entry point's `__main__` (before any JAX computation): replaces the
   process with the same command line under `hugepage_malloc_env()`, once; otherwise returns.
   The PID, arguments, stdio and signals are unchanged, so launchers and Ctrl-C behave the same."""
   env = hugepage_malloc_env()
@@ -97,6 +98,6 @@ def reexec_with_hugepage_malloc() -> None:
 
 
 def configure_entry_point() -> None:
-  """Both settings, for a script's `__main__` before it imports JAX."""
+  """Both settings, for a script's `__main__` before it runs anything."""
   reexec_with_hugepage_malloc()
   tune_malloc()

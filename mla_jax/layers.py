@@ -6,6 +6,8 @@ mesh axes; nothing here knows about meshes.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -34,15 +36,8 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
   """
   lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
   assert x.shape[x.ndim - n_in:] == ins, (x.shape, w.shape, n_in)
-  y = x.reshape(-1, _prod(ins)) @ w.reshape(_prod(ins), _prod(outs))
+  y = x.reshape(-1, math.prod(ins)) @ w.reshape(math.prod(ins), math.prod(outs))
   return y.reshape(*lead, *outs)
-
-
-def _prod(dims: tuple[int, ...]) -> int:
-  out = 1
-  for d in dims:
-    out *= d
-  return out
 
 
 class RMSNorm(nnx.Module):

@@ -59,7 +59,8 @@ def build(torch, vocab: int):
       self.head.weight = self.tok.weight
       for name, p in self.named_parameters():
         if p.dim() == 2:  # nanoGPT's init; residual outputs scaled by depth
-          std = 0.02 / math.sqrt(2 * LAYERS) if name.endswith(("proj.weight", "down.weight")) else 0.02
+          residual = name.endswith(("proj.weight", "down.weight"))
+          std = 0.02 / math.sqrt(2 * LAYERS) if residual else 0.02
           nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx, targets):  # [B, T] int64 -> scalar loss

@@ -21,7 +21,7 @@ import tempfile
 
 # Run from the repository root without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if __name__ == "__main__":  # before JAX loads: the same malloc settings as train.py
+if __name__ == "__main__":  # before anything runs: the same malloc settings as train.py
   from mla_jax import host_memory  # noqa: E402
   host_memory.configure_entry_point()
 
