@@ -82,8 +82,8 @@ def parse_data(spec: str | None, config: dict) -> dict:
 
 def load_val(workdir: str, config: dict, spec: dict):
   """(validation tokens, bytes per token, description) with the workdir's tokenizer."""
-  from mla_jax import data as data_lib
-  from mla_jax import tokenizer as tok_lib
+  from mla_jax.data import corpus as data_lib
+  from mla_jax.data import tokenizer as tok_lib
 
   tok_dir = os.path.join(workdir, "tokenizer")
   tok_file = os.path.join(tok_dir, tok_lib.META_FILE)
@@ -119,7 +119,7 @@ def resolve_step(workdir: str, which: str) -> int:
   if which == "latest":
     return steps[-1]
   if which == "best":
-    from mla_jax.checkpoint import Checkpointer
+    from mla_jax.storage.checkpoint import Checkpointer
 
     ckpt = Checkpointer(workdir, async_save=False)
     try:
@@ -154,8 +154,8 @@ def check_checkpoint_matches(workdir: str, step: int, config: dict) -> None:
   import orbax.checkpoint as ocp
   from flax import nnx
 
-  from mla_jax.config import ModelConfig
-  from mla_jax.model import Transformer
+  from mla_jax.core.config import ModelConfig
+  from mla_jax.core.model import Transformer
 
   try:
     cfg = ModelConfig.from_mapping(config["model"])
@@ -219,11 +219,12 @@ def evaluate_workdir(workdir: str, data: str | None = None, max_tokens: int = 0,
   import jax
   from flax import nnx
 
-  from mla_jax import cache as cache_lib
-  from mla_jax import checkpoint as ckpt_lib
-  from mla_jax import decode_speed, evaluation
-  from mla_jax.config import kv_cache_bytes_per_token
-  from mla_jax.model import count_params
+  from mla_jax.core import cache as cache_lib
+  from mla_jax.core.config import kv_cache_bytes_per_token
+  from mla_jax.core.model import count_params
+  from mla_jax.evaluation import decode_speed
+  from mla_jax.evaluation import metrics as evaluation
+  from mla_jax.storage import checkpoint as ckpt_lib
 
   check_checkpoint_matches(workdir, step, config)
   try:

@@ -55,7 +55,7 @@ def main(argv):
     if jax.default_backend() == "cpu" or FLAGS.platform == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from mla_jax import trainer
+  from mla_jax.training import trainer
 
   logging.set_verbosity(logging.WARNING)
   try:

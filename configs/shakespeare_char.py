@@ -13,11 +13,7 @@ line:
 
 from ml_collections import ConfigDict
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling config modules
-import lm  # noqa: E402
+from configs import lm
 
 
 def get_config(arg: str = "mha") -> ConfigDict:

@@ -8,15 +8,15 @@
     model = load_model("runs/mla")                # a trained model from its workdir
 """
 
-from mla_jax.cache import Cache, init_cache
-from mla_jax.config import ModelConfig, kv_cache_bytes_per_token
-from mla_jax.generate import generate
-from mla_jax.model import Transformer, count_params
+from mla_jax.core.cache import Cache, init_cache
+from mla_jax.core.config import ModelConfig, kv_cache_bytes_per_token
+from mla_jax.core.generate import generate
+from mla_jax.core.model import Transformer, count_params
 
 
 def load_model(workdir: str, which: str = "latest"):
   """Rebuilds the trained model from a workdir alone (config + checkpoint); see checkpoint.py."""
-  from mla_jax.checkpoint import load_model as _load  # training-side import, kept lazy
+  from mla_jax.storage.checkpoint import load_model as _load  # training-side import, kept lazy
   return _load(workdir, which)
 
 

@@ -61,14 +61,9 @@ Findings (2-core CPU, XLA:CPU):
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Runnable as `python scripts/bench_decode.py` from the repo root: put the repo root on sys.path.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -78,10 +73,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mla_jax import cache as cache_lib  # noqa: E402
-from mla_jax.config import ModelConfig, kv_cache_bytes_per_token  # noqa: E402
-from mla_jax.generate import decode_step_jit  # noqa: E402
-from mla_jax.model import Transformer  # noqa: E402
+from mla_jax.core import cache as cache_lib  # noqa: E402
+from mla_jax.core.config import ModelConfig, kv_cache_bytes_per_token  # noqa: E402
+from mla_jax.core.generate import decode_step_jit  # noqa: E402
+from mla_jax.core.model import Transformer  # noqa: E402
 
 BASE = dict(vocab_size=256, d_model=512, n_heads=8, head_dim=64, n_layers=2, d_ff=1408,
             init_std=0.02, dtype="float32", param_dtype="float32")

@@ -19,8 +19,6 @@ import statistics
 import sys
 import tempfile
 
-# Run from the repository root without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if __name__ == "__main__":  # before anything runs: the same malloc settings as train.py
   from mla_jax import host_memory  # noqa: E402
   host_memory.configure_entry_point()
@@ -28,8 +26,12 @@ if __name__ == "__main__":  # before anything runs: the same malloc settings as 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from mla_jax import logger, perf, trainer  # noqa: E402
+from mla_jax.evaluation import perf  # noqa: E402
 from mla_jax.experiment import load_config  # noqa: E402
+from mla_jax.training import (
+  logger,  # noqa: E402
+  trainer,  # noqa: E402
+)
 
 DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                             "shared", "data", "tinyshakespeare.txt")

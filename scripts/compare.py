@@ -29,7 +29,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from absl import app, flags  # noqa: E402
 
@@ -119,7 +118,7 @@ def run_config(sweep, run):
 
 def model_config(config):
   """The run's ModelConfig without reading data: vocab 0 means 256 (byte tokenizer)."""
-  from mla_jax.config import ModelConfig
+  from mla_jax.core.config import ModelConfig
 
   fields = dict(config.model)
   if not fields["vocab_size"]:
@@ -135,7 +134,7 @@ def count(cfg) -> dict:
   """count_params on an abstract model (nnx.eval_shape: no memory, any size)."""
   from flax import nnx
 
-  from mla_jax.model import Transformer, count_params
+  from mla_jax.core.model import Transformer, count_params
 
   return count_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
@@ -257,8 +256,8 @@ def retime_decode(sweep, runs, runs_dir: str, results: dict, rounds: int) -> Non
   """Replaces each run's decode timings by ones taken in interleaved rounds over all runs (see
   decode_speed.time_decode_interleaved): per-run timings taken minutes apart on a shared machine
   differ by tens of percent for the same architecture."""
-  from mla_jax import checkpoint as ckpt_lib
-  from mla_jax import decode_speed
+  from mla_jax.evaluation import decode_speed
+  from mla_jax.storage import checkpoint as ckpt_lib
 
   mla_eval = load_eval_module()
   models = {r["name"]: ckpt_lib.load_model(os.path.join(runs_dir, r["name"])) for r in runs}
@@ -287,7 +286,7 @@ def run_sweep(sweep_name: str, out: str, runs_dir: str | None = None, steps: int
     runs = [r for r in runs if r["name"] in wanted]
     if not runs:
       raise SweepError(f"--only: none of {sorted(wanted)} is a run of sweep {sweep.name}")
-  from mla_jax import report
+  from mla_jax.evaluation import report
 
   runs_dir = runs_dir or os.path.join(out, "runs")
   results, timings = {}, {}

@@ -39,8 +39,6 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
 
 STEPS, CKPT_EVERY = 24, 4
 # Tiny and fast: ~0.1M params, 24 steps of 8 x 64 tokens, eval on 4k tokens.
@@ -243,7 +241,7 @@ def params(workdir: str, which="latest") -> list:
   import numpy as np
   from flax import nnx
 
-  from mla_jax.checkpoint import load_model
+  from mla_jax.storage.checkpoint import load_model
 
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(load_model(workdir, which)))]
 

@@ -14,15 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-# Run as `python scripts/prepare_data.py` from anywhere: make the repo root
-# (this file's parent's parent) importable without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-from mla_jax import data  # pylint: disable=g-import-not-at-top
-from mla_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+from mla_jax.data import corpus as data  # pylint: disable=g-import-not-at-top
+from mla_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -4,10 +4,8 @@ XLA_FLAGS must be set before jax is imported anywhere, hence here and not in a f
 """
 
 import os
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mla_jax.config import ModelConfig
+from mla_jax.core.config import ModelConfig
 
 # Test-side jits skip LLVM's optimisation passes: CPU compiles take ~2-3x less time and neither
 # numbers nor shardings depend on them (the library's own jits keep theirs).

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from mla_jax import cache as cache_lib
-from mla_jax.attention import GQAttention, MLAttention
-from mla_jax.layers import apply_rope, interleaved_to_half_perm, rope_angles
-from mla_jax.model import Transformer
 from model_helpers import FAST_COMPILE, random_module, tiny
+
+from mla_jax.core import cache as cache_lib
+from mla_jax.core.attention import GQAttention, MLAttention
+from mla_jax.core.layers import apply_rope, interleaved_to_half_perm, rope_angles
+from mla_jax.core.model import Transformer
 
 ATOL = 1e-5
 

@@ -9,8 +9,9 @@ import grain
 import numpy as np
 import pytest
 
-from mla_jax import data
-from mla_jax import tokenizer as tok_lib
+from mla_jax.data import corpus as data
+from mla_jax.data import pipeline
+from mla_jax.data import tokenizer as tok_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORDS = ('the', 'king', 'queen', 'of', 'and', 'to', 'café', 'naïve', '日本', 'lord',
@@ -178,7 +179,7 @@ def test_tokens_source_rejects_big_ids(tmp_path):
 
 
 def test_train_batches_are_shifted_windows(tokens):
-  it = data.make_train_iterator(tokens, seq_len=16, batch_size=8, seed=0)
+  it = pipeline.make_train_iterator(tokens, seq_len=16, batch_size=8, seed=0)
   seen = set()
   for _ in range(5):
     batch = next(it)
@@ -192,19 +193,19 @@ def test_train_batches_are_shifted_windows(tokens):
 
 def test_epochs_are_reshuffled():
   tokens = np.arange(8 * 4 + 1, dtype=np.int32)  # 8 windows of seq_len 4.
-  it = data.make_train_iterator(tokens, seq_len=4, batch_size=8, seed=1)
+  it = pipeline.make_train_iterator(tokens, seq_len=4, batch_size=8, seed=1)
   epoch1, epoch2 = next(it)[:, 0], next(it)[:, 0]
   assert sorted(epoch1) == sorted(epoch2) == list(range(0, 32, 4))
   assert not np.array_equal(epoch1, epoch2)
 
 
 def test_resume_with_get_set_state(tokens):
-  it = data.make_train_iterator(tokens, 16, 4, seed=3)
+  it = pipeline.make_train_iterator(tokens, 16, 4, seed=3)
   for _ in range(7):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(3)]
-  it2 = data.make_train_iterator(tokens, 16, 4, seed=3)
+  it2 = pipeline.make_train_iterator(tokens, 16, 4, seed=3)
   it2.set_state(state)
   for want in expected:
     np.testing.assert_array_equal(next(it2), want)
@@ -212,14 +213,14 @@ def test_resume_with_get_set_state(tokens):
 
 def test_resume_with_orbax_grain_checkpoint(tokens, tmp_path):
   import orbax.checkpoint as ocp  # Slow import: only here.
-  it = data.make_train_iterator(tokens, 16, 4, seed=5)
+  it = pipeline.make_train_iterator(tokens, 16, 4, seed=5)
   for _ in range(3):
     next(it)
   with ocp.CheckpointManager(tmp_path / 'ckpt') as mngr:
     mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
   expected = [next(it) for _ in range(2)]
-  it2 = data.make_train_iterator(tokens, 16, 4, seed=5)
+  it2 = pipeline.make_train_iterator(tokens, 16, 4, seed=5)
   with ocp.CheckpointManager(tmp_path / 'ckpt') as mngr:
     mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
   for want in expected:
@@ -227,7 +228,7 @@ def test_resume_with_orbax_grain_checkpoint(tokens, tmp_path):
 
 
 def test_processes_see_disjoint_windows(tokens):
-  its = [data.make_train_iterator(tokens, 16, 8, seed=0, process_index=p, process_count=2)
+  its = [pipeline.make_train_iterator(tokens, 16, 8, seed=0, process_index=p, process_count=2)
          for p in range(2)]
   starts = [np.concatenate([next(it)[:, 0] for _ in range(30)]) for it in its]
   assert len(set(starts[0])) == len(set(starts[1])) == 240
@@ -236,20 +237,20 @@ def test_processes_see_disjoint_windows(tokens):
 
 def test_train_iterator_too_few_windows():
   with pytest.raises(ValueError, match='fewer than batch_size=8'):
-    data.make_train_iterator(np.arange(100, dtype=np.int32), 16, 8, seed=0)
+    pipeline.make_train_iterator(np.arange(100, dtype=np.int32), 16, 8, seed=0)
 
 
 def test_eval_batches_cover_split(tokens):
-  n = data.num_eval_windows(len(tokens), 64)
+  n = pipeline.num_eval_windows(len(tokens), 64)
   assert n == (10_000 - 1) // 64 == 156
-  batches = list(data.eval_batches(tokens, 64, 50))
+  batches = list(pipeline.eval_batches(tokens, 64, 50))
   assert [len(b) for b in batches] == [50, 50, 50, 6]
   windows = np.concatenate(batches)
   assert windows.dtype == np.int32 and windows.shape == (156, 65)
   np.testing.assert_array_equal(windows[:, 0], np.arange(156) * 64)
   np.testing.assert_array_equal(windows, tokens[windows[:, :1] + np.arange(65)])
-  capped = np.concatenate(list(data.eval_batches(tokens, 64, 50, max_tokens=1000)))
-  assert capped.shape == (15, 65) and data.num_eval_windows(10_000, 64, 1000) == 15
+  capped = np.concatenate(list(pipeline.eval_batches(tokens, 64, 50, max_tokens=1000)))
+  assert capped.shape == (15, 65) and pipeline.num_eval_windows(10_000, 64, 1000) == 15
   np.testing.assert_array_equal(capped, windows[:15])
 
 

@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mla_jax import cache as cache_lib
-from mla_jax import checkpoint as ckpt_lib
-from mla_jax import decode_speed, report, trainer
-from mla_jax.config import ModelConfig, kv_cache_bytes_per_token
+from mla_jax.core import cache as cache_lib
+from mla_jax.core.config import ModelConfig, kv_cache_bytes_per_token
+from mla_jax.core.model import Transformer, count_params
+from mla_jax.evaluation import decode_speed, report
 from mla_jax.experiment import load_config
-from mla_jax.logger import read_metrics
-from mla_jax.model import Transformer, count_params
+from mla_jax.storage import checkpoint as ckpt_lib
+from mla_jax.training import trainer
+from mla_jax.training.logger import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GREEK = "αβγδεζηθικλμνξοπρστυφχψω"
@@ -119,7 +120,7 @@ def test_bpb_is_loss_over_ln2_times_tokens_over_bytes(greek_wd):
   val_text = text[int(len(text) * 0.9):]
   n_tokens, n_bytes = len(val_text), len(val_text.encode("utf-8"))
   assert n_bytes == 2 * n_tokens  # every character is 2 bytes
-  from mla_jax.tokenizer import load_tokenizer
+  from mla_jax.data.tokenizer import load_tokenizer
 
   ids = load_tokenizer(os.path.join(wd, "tokenizer")).encode(val_text)
   t = 64

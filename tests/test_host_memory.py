@@ -19,7 +19,6 @@ pytestmark = pytest.mark.skipif(host_memory._glibc_version() is None,
 # its malloc arena faults once, whatever the settings).
 FAULTS_SCRIPT = textwrap.dedent("""
     import resource, sys
-    sys.path.insert(0, {repo!r})
     from mla_jax import host_memory
     host_memory.tune_malloc()
     import jax, jax.numpy as jnp
@@ -68,9 +67,8 @@ def test_hugepage_env_is_added_once_and_respects_the_user():
 def test_entry_point_reexecs_once_with_same_pid_and_arguments():
   if host_memory.hugepage_malloc_env({}) is None:
     pytest.skip("no huge-page malloc on this machine (glibc < 2.35 or THP disabled)")
-  script = textwrap.dedent(f"""
+  script = textwrap.dedent("""
       import os, sys
-      sys.path.insert(0, {REPO!r})
       print("start", os.getpid(), flush=True)
       from mla_jax import host_memory
       host_memory.configure_entry_point()

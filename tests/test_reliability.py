@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +18,11 @@ import optax
 import pytest
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "scripts"))
-import fault_drill as fd  # noqa: E402
-
-from mla_jax import checkpoint as ckpt_lib  # noqa: E402
-from mla_jax.config import ModelConfig  # noqa: E402
-from mla_jax.model import Transformer  # noqa: E402
-from mla_jax.step import TrainState, make_train_step  # noqa: E402
+from mla_jax.core.config import ModelConfig  # noqa: E402
+from mla_jax.core.model import Transformer  # noqa: E402
+from mla_jax.storage import checkpoint as ckpt_lib  # noqa: E402
+from mla_jax.training.step import TrainState, make_train_step  # noqa: E402
+from scripts import fault_drill as fd
 
 slow = pytest.mark.slow
 
@@ -88,7 +84,7 @@ def test_restore_skips_damaged_and_tmp_steps_and_never_deletes(base, ref, caplog
 
   ckpt = ckpt_lib.Checkpointer(wd)
   assert ckpt.steps() == steps  # the tmp dir is not a step
-  with caplog.at_level("WARNING", logger="mla_jax.checkpoint"):
+  with caplog.at_level("WARNING", logger="mla_jax.storage.checkpoint"):
     step, params, _, meta = ckpt.restore_latest_good(target)
   assert step == previous and meta["step"] == previous
   assert f"checkpoint step {newest} in" in caplog.text and "unreadable" in caplog.text

@@ -11,16 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-from mla_jax import cache as cache_lib
-from mla_jax import sharding
-from mla_jax.model import Transformer
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from model_helpers import FAST_COMPILE, tiny
 
-
-
-
+from mla_jax.core import cache as cache_lib
+from mla_jax.core import sharding
+from mla_jax.core.model import Transformer
 
 CONFIGS = {"gqa2": dict(attention="gqa", n_kv_heads=2), "mqa": dict(attention="mqa"),
            "mla_q8": dict(attention="mla", q_lora_rank=8)}

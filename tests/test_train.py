@@ -27,13 +27,13 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mla_jax import checkpoint as ckpt_lib
-from mla_jax import logger as logger_lib
-from mla_jax import sharding as shd
-from mla_jax import trainer
-from mla_jax.config import ModelConfig
-from mla_jax.model import Transformer
-from mla_jax.step import TrainState, make_train_step
+from mla_jax.core import sharding as shd
+from mla_jax.core.config import ModelConfig
+from mla_jax.core.model import Transformer
+from mla_jax.storage import checkpoint as ckpt_lib
+from mla_jax.training import logger as logger_lib
+from mla_jax.training import trainer
+from mla_jax.training.step import TrainState, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -388,7 +388,7 @@ def test_no_recompilation_after_step_one(run_mesh, run_a):
   for run in (run_mesh, run_a):
     ours = [(m, q, f) for m, q, f in run["rec"].jitted if m.startswith("mla_jax")]
     names = [(m, q) for m, q, _ in ours]
-    assert ("mla_jax.step", "make_train_step.<locals>.step") in names, names
+    assert ("mla_jax.training.step", "make_train_step.<locals>.step") in names, names
     for module, qualname, jitted in ours:
       # One executable for 30 steps (and 3 evaluations of 2 batches each): shardings and shapes
       # of the state never change between steps.

@@ -16,13 +16,9 @@ Cost: 6 * 337M params * 2.1B tokens ~ 4.2e18 FLOPs per run (+1/3 for remat): ~30
 (32 chips x 275 bf16 TFLOP/s) at 40% utilisation, ~4-5 hours for the 8 runs.
 """
 
-import os
-import sys
-
 from ml_collections import ConfigDict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling gpu sweep
-import gpu  # noqa: E402
+from configs.sweeps import gpu
 
 
 def get_config() -> ConfigDict:

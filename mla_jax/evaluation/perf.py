@@ -7,7 +7,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mla_jax.config import ModelConfig
+from mla_jax.core.config import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig, n_params: int) -> int:

@@ -28,7 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mla_jax.config import ModelConfig
+from mla_jax.core.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def read_config(workdir: str) -> dict[str, Any]:
 
 def load_model(workdir: str, which: str | int = "latest") -> nnx.Module:
   """Rebuilds a trained Transformer from its workdir alone: 'latest', 'best' or a step number."""
-  from mla_jax.model import Transformer  # model sits below checkpointing in the import order
+  from mla_jax.core.model import Transformer  # model sits below checkpointing in the import order
 
   cfg = ModelConfig.from_mapping(read_config(workdir)["model"])
   ckpt = Checkpointer(workdir, async_save=False)

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import cache as cache_lib
-from mla_jax.generate import decode_step_jit
+from mla_jax.core import cache as cache_lib
+from mla_jax.core.generate import decode_step_jit
 
 
 def time_decode(model: nnx.Module, context: int, batch: int = 1, steps: int = 32,
@@ -53,7 +53,7 @@ def time_decode(model: nnx.Module, context: int, batch: int = 1, steps: int = 32
 
 def with_decode_impl(model: nnx.Module, impl: str) -> nnx.Module:
   """The same parameters behind an MLA model whose config picks another decode path."""
-  from mla_jax.model import Transformer  # model imports generate-free modules only
+  from mla_jax.core.model import Transformer  # model imports generate-free modules only
 
   cfg = dataclasses.replace(model.cfg, mla_decode_impl=impl)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))

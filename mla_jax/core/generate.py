@@ -14,15 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mla_jax import cache as cache_lib
-
-# Incremented each time `decode_step` is traced; tests use it to prove there is no retrace per token.
-TRACE_COUNT = {"decode_step": 0}
+from mla_jax.core import cache as cache_lib
 
 
 def decode_step(graphdef, state, cache: cache_lib.Cache, tokens: jax.Array):
   """One token per sequence: tokens [B, 1] -> (logits [B, V] float32, updated cache)."""
-  TRACE_COUNT["decode_step"] += 1
   model = nnx.merge(graphdef, state)
   logits, cache = model.extend(tokens, cache)
   return logits[:, -1], cache

@@ -21,17 +21,18 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mla_jax import data as data_lib
 from mla_jax import host_memory
-from mla_jax import sharding as shd
-from mla_jax.checkpoint import CONFIG_FILE, Checkpointer, CheckpointError, _abstract
-from mla_jax.config import ModelConfig
-from mla_jax.evaluation import Evaluator
-from mla_jax.logger import MetricsLogger
-from mla_jax.model import Transformer, count_params
-from mla_jax.optim import make_optimizer
-from mla_jax.perf import measure_peak_flops, train_flops_per_token
-from mla_jax.step import TrainState, make_train_step
+from mla_jax.core import sharding as shd
+from mla_jax.core.config import ModelConfig
+from mla_jax.core.model import Transformer, count_params
+from mla_jax.data import corpus as data_lib
+from mla_jax.data import pipeline
+from mla_jax.evaluation.metrics import Evaluator
+from mla_jax.evaluation.perf import measure_peak_flops, train_flops_per_token
+from mla_jax.storage.checkpoint import CONFIG_FILE, Checkpointer, CheckpointError, _abstract
+from mla_jax.training.logger import MetricsLogger
+from mla_jax.training.optim import make_optimizer
+from mla_jax.training.step import TrainState, make_train_step
 
 log = logging.getLogger(__name__)
 NONFINITE_POLICIES = ("stop", "skip")
@@ -221,7 +222,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   init_shapes = jax.eval_shape(init)
   state_sh = state_shardings(init_shapes, tx, param_sh, mesh)
   local_batch = t.global_batch // jax.process_count()
-  it = data_lib.make_train_iterator(corpus.train, d.seq_len, local_batch, t.seed,
+  it = pipeline.make_train_iterator(corpus.train, d.seq_len, local_batch, t.seed,
                                     jax.process_index(), jax.process_count(), d.worker_count)
   ckpt = Checkpointer(workdir, keep=t.keep_ckpts)
   abstract_state = _abstract(init_shapes, state_sh)

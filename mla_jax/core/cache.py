@@ -9,13 +9,11 @@ MLA's cache holds only the normalised latent c and the rotated shared rope key: 
 
 from __future__ import annotations
 
-from typing import Union
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mla_jax.config import ModelConfig
+from mla_jax.core.config import ModelConfig
 
 # Logical axis names of each cache array, mapped to mesh axes by sharding.py.
 KV_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
@@ -43,9 +41,6 @@ class LatentCache:
   @property
   def axes(self):
     return LatentCache(c=LATENT_AXES, k_rope=ROPE_AXES)
-
-
-LayerCache = Union[KVCache, LatentCache]
 
 
 @flax.struct.dataclass

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mla_jax import data as data_lib
-from mla_jax import sharding as shd
-from mla_jax.step import token_losses
+from mla_jax.core import sharding as shd
+from mla_jax.core.model import token_losses
+from mla_jax.data import pipeline
 
 
 def _eval_step(graphdef, params, tokens, weights):
@@ -41,7 +41,7 @@ class Evaluator:
                max_tokens: int = 0) -> dict:
     """Returns val_loss (nats/token), val_ppl, val_bpb, val_tokens, loss_by_position [T]."""
     total, count, by_pos = 0.0, 0.0, np.zeros(self.seq_len)
-    for batch in data_lib.eval_batches(tokens, self.seq_len, self.batch_size, max_tokens):
+    for batch in pipeline.eval_batches(tokens, self.seq_len, self.batch_size, max_tokens):
       n = batch.shape[0]
       weights = np.zeros(self.batch_size, np.float32)
       weights[:n] = 1.0

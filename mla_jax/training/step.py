@@ -1,4 +1,4 @@
-"""Pure, jittable training and evaluation steps over (graphdef, state).
+"""The pure, jittable training step over (graphdef, state).
 
 The hot loop jits plain functions of (graphdef, TrainState, batch) rather than `nnx.jit` on the
 module: less Python per call (STACK_NOTES), and the state is a pytree orbax can save directly.
@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mla_jax.core.model import token_losses
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -22,13 +24,6 @@ class TrainState:
   opt_state: Any
   skipped: jax.Array  # int32 [], updates dropped because loss or gradients were not finite
   first_bad_step: jax.Array  # int32 [], the first such step, or -1
-
-
-def token_losses(graphdef, params, tokens: jax.Array) -> jax.Array:
-  """tokens [B, T + 1] int -> next-token cross-entropy [B, T] float32 (nats)."""
-  model = nnx.merge(graphdef, params)
-  logits = model(tokens[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
 
 def _loss_sum(params, graphdef, tokens):
@@ -77,10 +72,3 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, microbatches: in
     return new_state, {"loss": loss, "grad_norm": grad_norm}
 
   return step
-
-
-def eval_step(graphdef, params, tokens: jax.Array) -> dict[str, jax.Array]:
-  """tokens [B, T + 1] -> {'loss_sum': [], 'count': [], 'loss_by_position': [T] summed over B}."""
-  losses = token_losses(graphdef, params, tokens)
-  return {"loss_sum": losses.sum(), "count": jnp.asarray(losses.size, jnp.float32),
-          "loss_by_position": losses.sum(axis=0)}

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
-from mla_jax import cache as cache_lib
-from mla_jax.attention import GQAttention, MLAttention
-from mla_jax.config import ModelConfig
-from mla_jax.layers import MLP, Embed, RMSNorm, dense, param
+from mla_jax.core import cache as cache_lib
+from mla_jax.core.attention import GQAttention, MLAttention
+from mla_jax.core.config import ModelConfig
+from mla_jax.core.layers import MLP, Embed, RMSNorm, dense, param
 
 
 class Block(nnx.Module):
@@ -81,6 +82,13 @@ class Transformer(nnx.Module):
     else:
       logits = dense(x, self.head[...].astype(self.cfg.compute_dtype))  # [B, T, V]
     return logits.astype(jnp.float32), tuple(new_layers)
+
+
+def token_losses(graphdef, params, tokens: jax.Array) -> jax.Array:
+  """tokens [B, T + 1] int -> next-token cross-entropy [B, T] float32 (nats)."""
+  model = nnx.merge(graphdef, params)
+  logits = model(tokens[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
 
 def count_params(model: nnx.Module) -> dict[str, int]:

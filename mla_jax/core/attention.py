@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax import cache as cache_lib
-from mla_jax.config import ModelConfig
-from mla_jax.layers import RMSNorm, apply_rope, dense, param, rope_angles
+from mla_jax.core import cache as cache_lib
+from mla_jax.core.config import ModelConfig
+from mla_jax.core.layers import RMSNorm, apply_rope, dense, param, rope_angles
 
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
 

@@ -1,0 +1,1 @@
+"""Corpora and tokenizers (corpus, tokenizer) and the batch pipelines over them (pipeline)."""
