@@ -1,7 +1,15 @@
-r"""Train a language model: python train.py --config=configs/lm.py[:args] --workdir=DIR [--config.x=y]
+r"""Train a language model.
 
-Re-running the same command on a workdir resumes from its newest readable checkpoint. SIGTERM or
-Ctrl-C finishes the current step, checkpoints and exits 0.
+  python train.py --config=configs/lm.py[:ARGS] --workdir=DIR [--config.GROUP.FIELD=VALUE ...]
+
+  python train.py --workdir=runs/default                       # the default experiment
+  python train.py --workdir=runs/smoke --config.train.steps=1  # a smoke run
+  python train.py --config=configs/lm.py:attn=gqa,size=tiny --workdir=runs/gqa \
+      --config.model.n_kv_heads=2 --config.data.path=my_text.txt
+
+Re-running the same command on a workdir resumes from its newest readable checkpoint; on a
+finished workdir it prints the final metrics and changes nothing. SIGTERM or Ctrl-C finishes the
+current step, checkpoints and exits 0 (a second Ctrl-C stops at once).
 Multi-host (GPU clusters): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 on every process (TPU pods need no flags: jax.distributed finds its peers).
 """
@@ -17,36 +25,21 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/lm.py", "Experiment config file.",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.", required=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics (required).")
 flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.DEFINE_string("platform", None, "Force a JAX platform (cpu, gpu, tpu).")
 
 
-def _parse_flags(argv):
-  """absl's parser, but a bad flag is one line naming it on stderr and exit 1: no traceback (an
-  unknown --config.x key, or an error inside the config file) and no usage hint after it."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    message = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
-  except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown key>
-    while e.args and isinstance(e.args[0], BaseException):
-      e = e.args[0]
-    text = str(e.args[0] if e.args else e)
-    key = text.splitlines()[0].strip("'\"") if text else "?"
-    bad = [a.split("=", 1)[0] for a in argv[1:]
-           if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
-    message = (f"flag {bad[0] if bad else '--config'}: unknown config field {key!r}"
-               + "".join(f"; {l.strip()}" for l in text.splitlines()[1:] if l.strip()))
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
-
-
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  if not FLAGS.workdir:
+    print("error: --workdir is required: a directory for this run's checkpoints and logs "
+          "(e.g. --workdir=runs/default)", file=sys.stderr)
+    sys.exit(1)
   import jax
 
   if FLAGS.platform:
@@ -55,9 +48,11 @@ def main(argv):
     if jax.default_backend() == "cpu" or FLAGS.platform == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from mla_jax.storage.checkpoint import quiet_orbax_logs
   from mla_jax.training import trainer
 
   logging.set_verbosity(logging.WARNING)
+  quiet_orbax_logs()
   try:
     summary = trainer.train(FLAGS.config, FLAGS.workdir)
   except (ValueError, OSError, trainer.NonFiniteError, trainer.CheckpointError) as e:
@@ -68,13 +63,13 @@ def main(argv):
     pylogging.getLogger("asyncio").disabled = True
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
     sys.exit(1)
-  final = summary["final"] or {}
-  if jax.process_index() == 0 and final:
-    print(f"step {summary['step']}: val_loss {final['val_loss']:.4f}  "
-          f"val_ppl {final['val_ppl']:.3f}  val_bpb {final['val_bpb']:.4f}  ({summary['workdir']})")
+  if jax.process_index() == 0:
+    print(trainer.summary_text(summary))
 
 
 if __name__ == "__main__":
   from mla_jax import host_memory
+  from mla_jax.cli import parse_flags_or_exit
+
   host_memory.configure_entry_point()  # malloc settings for fast XLA:CPU steps; see its docstring
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags_or_exit)

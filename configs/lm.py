@@ -2,32 +2,49 @@ r"""Decoder-only LMs with MHA / GQA / MQA / MLA attention: the main experiment f
 
 `arg` picks the attention variant and the size, e.g. `attn=mla,size=small`:
 
-  # Default experiment: small MLA on the Python standard library (bytes), ~10 min on 2 CPU cores.
+  # Default experiment: small MLA on the Python standard library (bytes).
   python train.py --config=configs/lm.py --workdir=runs/mla_small
   # Another variant / size, any field overridden on the command line:
   python train.py --config=configs/lm.py:attn=gqa,size=tiny --workdir=runs/gqa_tiny \
       --config.train.steps=100 --config.model.n_kv_heads=2
-  # A text file instead of the default corpus:
+  # A text file instead of the default corpus (a path means data.source=text):
   python train.py --config=configs/lm.py --workdir=runs/shakespeare \
-      --config.data.source=text --config.data.path=../shared/data/tinyshakespeare.txt
+      --config.data.path=data/tinyshakespeare.txt
 
-Sizes (width D, layers L, heads H; MLA latent C = D/2, rope R = head_dim/2 unless overridden):
-  tiny   D=64  L=2  H=4   tests and smoke runs (seconds)
-  small  D=256 L=4  H=4   CPU default: 480 steps x 4096 tokens, ~10 min on 2 cores
-  base   D=512 L=8  H=8   CPU MFU runs, ~26M params
-  125m   D=768 L=12 H=12  GPU/TPU, GPT-2-small-sized
-  350m   D=1024 L=24 H=16 GPU/TPU
+Every field starts from its dataclass default (mla_jax.core.config.ModelConfig and the groups in
+mla_jax.experiment, where each field's meaning and check live); a size sets only what it changes.
+MLA latent C = D/2 and rope R = head_dim/2 unless overridden. Wall times: README.
 """
+
+import dataclasses
 
 from ml_collections import ConfigDict
 
-# size: (d_model, n_layers, n_heads, seq_len, global_batch, steps, lr)
+from mla_jax.experiment import defaults
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  d_model: int
+  n_layers: int
+  n_heads: int
+  seq_len: int
+  global_batch: int
+  steps: int
+  lr: float
+  accelerator: bool = False  # bf16 compute and remat: sizes meant for GPU / TPU
+
+
 SIZES = {
-    "tiny": (64, 2, 4, 64, 8, 50, 3e-3),
-    "small": (256, 4, 4, 256, 16, 480, 2e-3),
-    "base": (512, 8, 8, 512, 16, 2000, 1e-3),
-    "125m": (768, 12, 12, 1024, 256, 20000, 6e-4),
-    "350m": (1024, 24, 16, 1024, 256, 40000, 3e-4),
+    "tiny": Size(d_model=64, n_layers=2, n_heads=4, seq_len=64, global_batch=8, steps=50, lr=3e-3),
+    "small": Size(d_model=256, n_layers=4, n_heads=4, seq_len=256, global_batch=16, steps=480,
+                  lr=2e-3),  # the CPU default
+    "base": Size(d_model=512, n_layers=8, n_heads=8, seq_len=512, global_batch=16, steps=2000,
+                 lr=1e-3),  # CPU MFU runs, ~26M params
+    "125m": Size(d_model=768, n_layers=12, n_heads=12, seq_len=1024, global_batch=256,
+                 steps=20000, lr=6e-4, accelerator=True),  # GPT-2-small-sized
+    "350m": Size(d_model=1024, n_layers=24, n_heads=16, seq_len=1024, global_batch=256,
+                 steps=40000, lr=3e-4, accelerator=True),
 }
 ATTENTION = ("mha", "gqa", "mqa", "mla")
 
@@ -48,39 +65,21 @@ def parse_arg(arg: str) -> dict[str, str]:
 
 def get_config(arg: str = "") -> ConfigDict:
   a = parse_arg(arg)
-  d, layers, heads, seq_len, batch, steps, lr = SIZES[a["size"]]
-  accelerator = a["size"] in ("125m", "350m")
-  c = ConfigDict()
-
-  c.model = ConfigDict(dict(
-      vocab_size=0,  # 0: the tokenizer's vocabulary
-      d_model=d, n_layers=layers, n_heads=heads, d_ff=0, attention=a["attn"],
-      max_seq_len=max(seq_len, 1024),
-      n_kv_heads={"gqa": max(heads // 4, 1)}.get(a["attn"], 0), head_dim=0,
-      q_lora_rank=0, kv_lora_rank=d // 2, qk_nope_head_dim=0, qk_rope_head_dim=d // heads // 2,
-      v_head_dim=0, mla_prefill_impl="naive", mla_decode_impl="absorbed", attn_block=128,
-      rope_theta=10000.0, rope_layout="half", norm_eps=1e-6, tie_embeddings=True, init_std=0.02,
-      dtype="bfloat16" if accelerator else "float32", param_dtype="float32", cache_dtype="",
-      remat=accelerator))
-
-  c.data = ConfigDict(dict(
-      source="stdlib",  # stdlib | text | tokens
-      path="", tokenizer="bytes",  # bytes | char | bpe
-      vocab_size=0,  # BPE vocabulary size (tokenizer=bpe)
-      seq_len=seq_len, val_fraction=0.1, max_bytes=0, worker_count=0))
-
-  c.optim = ConfigDict(dict(
-      lr=lr, warmup_steps=max(steps // 20, 10), schedule="cosine", min_lr_ratio=0.1,
-      decay_fraction=0.2, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0))
-
-  c.train = ConfigDict(dict(
-      steps=steps, global_batch=batch, microbatches=1, seed=0,
-      log_every=10 if a["size"] == "tiny" else 50, eval_every=max(steps // 10, 10),
-      eval_tokens=0 if a["size"] == "tiny" else 65536,  # 0: the whole validation split
-      ckpt_every=max(steps // 5, 10), keep_ckpts=2, on_nonfinite="stop",
-      allow_config_change=False, peak_flops=0.0))  # peak 0: measure a matmul at start
-
-  # Mesh over all devices; -1 fills. rules: overrides of sharding.DEFAULT_RULES,
-  # e.g. "embed=None,mlp=tensor" or "batch=data+fsdp".
-  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1, rules=""))
+  s = SIZES[a["size"]]
+  head_dim = s.d_model // s.n_heads
+  c = ConfigDict({group: defaults(group) for group in ("model", "data", "optim", "train", "mesh")})
+  c.model.update(
+      vocab_size=0,  # 0: the tokenizer's
+      d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads, attention=a["attn"],
+      max_seq_len=max(s.seq_len, 1024),
+      n_kv_heads={"gqa": max(s.n_heads // 4, 1)}.get(a["attn"], 0),
+      kv_lora_rank=s.d_model // 2, qk_rope_head_dim=head_dim // 2,
+      dtype="bfloat16" if s.accelerator else "float32", remat=s.accelerator)
+  c.data.update(seq_len=s.seq_len)
+  c.optim.update(lr=s.lr)  # warmup: the default rule (5% of steps, >= 10, <= half the run)
+  c.train.update(
+      steps=s.steps, global_batch=s.global_batch,
+      log_every=10 if a["size"] == "tiny" else 50, eval_every=max(s.steps // 10, 10),
+      eval_tokens=0 if a["size"] == "tiny" else 65536,  # periodic evals; the last: whole split
+      ckpt_every=max(s.steps // 5, 10))
   return c

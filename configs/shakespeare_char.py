@@ -2,11 +2,11 @@ r"""nanoGPT's CPU recipe on tiny Shakespeare, characters: the quality and speed 
 
 4 layers, 4 heads, width 128, context 64, batch 12, 2000 steps, no dropout, lr 1e-3 with 100
 warmup steps and cosine decay to 1e-4, AdamW (0.9, 0.99), weight decay 0.1, MHA. nanoGPT reaches
-a validation loss of ~1.88 with it (REFERENCE.md section 3). The text file is given on the command
+a validation loss of ~1.88 with it. The text file is given on the command
 line:
 
   python train.py --config=configs/shakespeare_char.py --workdir=runs/shakespeare_char \
-      --config.data.path=../shared/data/tinyshakespeare.txt
+      --config.data.path=data/tinyshakespeare.txt   # scripts/download_data.py
 
 `arg` may name another attention variant: configs/shakespeare_char.py:mla
 """

@@ -6,19 +6,14 @@
     logits = model(tokens)                        # [B, T] int32 -> [B, T, V]
     new_tokens = generate(model, [[1, 2, 3]], max_new_tokens=32, temperature=0.8)
     model = load_model("runs/mla")                # a trained model from its workdir
+    wd = Workdir.open("runs/mla")                 # its config, steps, tokenizer; wd.load_model()
 """
 
 from mla_jax.core.cache import Cache, init_cache
 from mla_jax.core.config import ModelConfig, kv_cache_bytes_per_token
 from mla_jax.core.generate import generate
 from mla_jax.core.model import Transformer, count_params
+from mla_jax.storage.workdir import Workdir, load_model
 
-
-def load_model(workdir: str, which: str = "latest"):
-  """Rebuilds the trained model from a workdir alone (config + checkpoint); see checkpoint.py."""
-  from mla_jax.storage.checkpoint import load_model as _load  # training-side import, kept lazy
-  return _load(workdir, which)
-
-
-__all__ = ["Cache", "ModelConfig", "Transformer", "count_params", "generate", "init_cache",
-           "kv_cache_bytes_per_token", "load_model"]
+__all__ = ["Cache", "ModelConfig", "Transformer", "Workdir", "count_params", "generate",
+           "init_cache", "kv_cache_bytes_per_token", "load_model"]

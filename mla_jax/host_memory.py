@@ -1,26 +1,22 @@
 """Host-memory settings that keep XLA:CPU training steps from page-faulting.
 
-XLA:CPU mallocs each executable's temporary buffer at every run (about 50 MB for the Shakespeare
-recipe's step, gigabytes for a width-512 step). That is above glibc's mmap threshold, so every step
-maps fresh pages, faults each one in on first touch (the kernel zeroes it) and unmaps it at the end:
-~12,600 minor page faults per Shakespeare step, a fifth of its step time. Two fixes, both glibc-only:
+XLA:CPU mallocs each executable's temporary buffer at every run (tens of MB for a small step,
+gigabytes for a width-512 step). That is above glibc's mmap threshold, so every step maps fresh
+pages, faults each one in on first touch (the kernel zeroes it) and unmaps it at the end. Two
+fixes, both glibc-only:
 
   tune_malloc()        raises the mmap and trim thresholds in this process, so the buffer stays in
-                       the heap and is reused across steps (faults per step: ~12,600 -> ~20).
+                       the heap and is reused across steps.
   hugepage_malloc_env  the `glibc.malloc.hugetlb=1` tunable asks the kernel for transparent huge
-                       pages for the heap (512x fewer faults and TLB misses on multi-GB buffers).
+                       pages for the heap (fewer faults and TLB misses on multi-GB buffers).
                        glibc reads tunables only at process start, so entry points re-exec
                        themselves once with it set (`reexec_with_hugepage_malloc`).
 
-Entry points (train.py, eval.py, scripts/bench_train.py) call `configure_entry_point()` before
-anything else runs (importing the package costs ~1.5 s, paid twice by the re-exec; a lazy package
-__init__ would avoid it but made `from mla_jax import generate` return the submodule);
-`trainer.train` calls `tune_malloc()` for library users.
-
-Measured on 2-core CPU machines (README, "Results so far"): the Shakespeare recipe's whole loop
-goes from ~11.6k to ~14.9k tokens/s, the width-512 step from ~16.5 s to ~13.3-14.4 s. Accelerator
-backends are unaffected (their buffers are device memory). MLA_JAX_HOST_MALLOC=0 leaves malloc
-alone.
+Both change the whole process, so the library never calls them: entry points (train.py, eval.py,
+scripts/bench_train.py) call `configure_entry_point()` before anything else runs; a program that
+calls `training.trainer.train` itself may call it too. Accelerator backends are unaffected (their
+buffers are device memory). MLA_JAX_HOST_MALLOC=0 leaves malloc alone. What each setting gained on
+the project's CPU machines: docs/performance.md.
 """
 
 import ctypes

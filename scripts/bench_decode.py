@@ -101,7 +101,8 @@ def _random_like(key, cache):
   """The same cache with N(0, 1) contents (lengths untouched)."""
   leaves, treedef = jax.tree.flatten(cache.layers)
   keys = jax.random.split(key, len(leaves))
-  leaves = [jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)]
+  leaves = [jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
+            for k, x in zip(keys, leaves)]
   return cache.replace(layers=jax.tree.unflatten(treedef, leaves))
 
 

@@ -6,7 +6,7 @@ Runs, each through `trainer.train` exactly as train.py does:
   shakespeare_char   nanoGPT's CPU recipe (configs/shakespeare_char.py, MHA, chars, batch 12 x 64).
                      Full mode trains all 2000 steps and also reports the final validation loss
                      (nanoGPT: 1.88); quick mode trains 300 steps for the speed figure only.
-  base_512           configs/lm.py:size=base (width 512, 8 layers, context 512): MFU on this machine.
+  base_512           configs/lm.py:size=base (width 512, 8 layers, context 512): MFU here.
   125m_bf16          configs/lm.py:size=125m in bfloat16, only when an accelerator is present.
 tokens/s is the median over the logging intervals after the first (which holds the compile);
 MFU = tokens/s * analytic FLOPs per token (mla_jax/perf.py) / (measured matmul peak * devices).
@@ -28,13 +28,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from mla_jax.evaluation import perf  # noqa: E402
 from mla_jax.experiment import load_config  # noqa: E402
-from mla_jax.training import (
-  logger,  # noqa: E402
-  trainer,  # noqa: E402
-)
+from mla_jax.training import logger, trainer  # noqa: E402
 
-DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                            "shared", "data", "tinyshakespeare.txt")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 
 
 def run(name: str, spec: str, overrides: dict, peak: float, workroot: str) -> dict:
@@ -48,7 +45,8 @@ def run(name: str, spec: str, overrides: dict, peak: float, workroot: str) -> di
   batch = overrides.get("train.global_batch") or load_config(spec).train.global_batch
   flops = perf.train_flops_per_token(cfg, summary["params"]["total"], seq_len)
   final = summary["final"] or {}
-  return {"name": name, "config": spec, "overrides": overrides, "steps": summary["step"],
+  shown = {k: os.path.relpath(v, REPO) if k == "data.path" else v for k, v in overrides.items()}
+  return {"name": name, "config": spec, "overrides": shown, "steps": summary["step"],
           "params": summary["params"]["total"], "tokens_per_s": tok_s,
           "step_ms": 1e3 * batch * seq_len / tok_s,
           "mfu": tok_s * flops / (peak * jax.device_count()), "peak_flops": peak,
@@ -74,11 +72,12 @@ def main():
   runs.append(("base_512", "configs/lm.py:attn=mha,size=base",
                {"train.steps": 30 if args.quick else 60, "train.log_every": 10,
                 "train.eval_every": 1000, "train.ckpt_every": 1000, "optim.warmup_steps": 5,
-                "data.max_bytes": 20_000_000}))
+                "train.final_eval_tokens": 65536, "data.max_bytes": 20_000_000}))
   if accelerator:
     runs.append(("125m_bf16", "configs/lm.py:attn=mla,size=125m",
                  {"train.steps": 60, "train.log_every": 10, "train.eval_every": 1000,
-                  "train.ckpt_every": 1000, "optim.warmup_steps": 5}))
+                  "train.ckpt_every": 1000, "optim.warmup_steps": 5,
+                  "train.final_eval_tokens": 65536}))
   with tempfile.TemporaryDirectory() as workroot:
     records = [run(name, spec, overrides, peak, workroot) for name, spec, overrides in runs]
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

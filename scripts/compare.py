@@ -1,4 +1,4 @@
-r"""Train and evaluate every run of a sweep, then write a comparison report.
+r"""Train and evaluate every run of a sweep, then write a comparison report (evaluation.sweep).
 
   python scripts/compare.py --sweep=cpu --out=docs/results/cpu --runs_dir=runs/sweep_cpu
   python scripts/compare.py --sweep=tiny --out=/tmp/tiny            # runs in /tmp/tiny/runs
@@ -11,317 +11,30 @@ A sweep is a config file, configs/sweeps/<name>.py (or any path), whose get_conf
      <workdir>/train.log). A run is finished when its newest checkpoint step equals train.steps;
      finished runs are never retrained, unfinished ones resume (train.py resumes a workdir), so
      re-running this command after an interruption picks up where it stopped.
-  2. evaluate in this process with eval.py's evaluate_workdir (whole validation split, cache bytes,
+  2. evaluate in this process, as eval.py does (whole validation split, cache bytes,
      decode timing, loss by position) -> <workdir>/eval.json. With --reuse, an eval.json newer
      than the run's last checkpoint is read back instead (re-render the report without re-timing).
-Then OUT/results.json, OUT/report.md and OUT/*.png (mla_jax.report). Only those go in OUT when
+Then OUT/results.json, OUT/report.md and OUT/*.png (evaluation.report). Only those go in OUT when
 --runs_dir points elsewhere (keep workdirs out of docs/).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import json
-import os
-import subprocess
 import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 FLAGS = flags.FLAGS
-
-
-class SweepError(Exception):
-  pass
-
-
-# Sweep files -------------------------------------------------------------------------------------
-
-
-def sweep_path(name: str) -> str:
-  if name.endswith(".py") or os.sep in name:
-    return name
-  return os.path.join(REPO, "configs", "sweeps", f"{name}.py")
-
-
-def load_sweep(name: str):
-  path = sweep_path(name)
-  if not os.path.isfile(path):
-    known = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs", "sweeps"))
-                   if f.endswith(".py") and not f.startswith("_"))
-    raise SweepError(f"--sweep: no sweep file {path} (known: {', '.join(known)})")
-  spec = importlib.util.spec_from_file_location(f"_sweep_{os.path.basename(path)[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  sweep = module.get_config()
-  for field in ("name", "experiment", "overrides", "runs", "steps"):
-    if field not in sweep:
-      raise SweepError(f"{path}: sweep config has no {field!r}")
-  return sweep
-
-
-def flatten(tree, prefix: str = "") -> dict:
-  """Nested dicts / ConfigDicts -> {'a.b': value}; already-dotted keys pass through."""
-  out = {}
-  for key, value in dict(tree).items():
-    name = f"{prefix}{key}"
-    if hasattr(value, "items"):
-      out.update(flatten(value, name + "."))
-    else:
-      out[name] = value
-  return out
-
-
-def cadence(sweep, steps: int) -> dict:
-  """train.steps and the settings that scale with it (evals, checkpoints, warmup)."""
-  return {"train.steps": steps,
-          "train.eval_every": max(1, steps // sweep.get("evals", 10)),
-          "train.ckpt_every": max(1, steps // sweep.get("ckpts", 3)),
-          "optim.warmup_steps": max(1, round(steps * sweep.get("warmup_fraction", 0.05)))}
-
-
-def expand_runs(sweep, steps: int | None = None) -> list[dict]:
-  """[{name, variant, seed, arg, overrides}] with sweep-wide overrides applied, plus one extra run
-  '<variant>_seed<k>' (train.seed=k) per entry of sweep.seeds[variant]."""
-  steps = steps or sweep.steps
-  common = {**flatten(sweep.overrides), **cadence(sweep, steps)}
-  base = []
-  for entry in sweep.runs:
-    name, arg, overrides = entry
-    base.append({"name": name, "variant": name, "arg": arg,
-                 "overrides": {**common, **flatten(overrides)}})
-  names = [r["name"] for r in base]
-  if len(set(names)) != len(names):
-    raise SweepError(f"sweep {sweep.name}: duplicate run names in {names}")
-  runs = []
-  for run in base:
-    run["seed"] = run["overrides"].get("train.seed", 0)
-    runs.append(run)
-    for seed in dict(sweep.get("seeds", {}) or {}).get(run["name"], ()):
-      runs.append({**run, "name": f"{run['name']}_seed{seed}", "seed": seed,
-                   "overrides": {**run["overrides"], "train.seed": seed}})
-  unknown = set(dict(sweep.get("seeds", {}) or {})) - set(names)
-  if unknown:
-    raise SweepError(f"sweep {sweep.name}: seeds for unknown runs {sorted(unknown)}")
-  return runs
-
-
-def run_config(sweep, run):
-  from mla_jax.experiment import load_config
-
-  return load_config(f"{os.path.join(REPO, sweep.experiment)}:{run['arg']}", run["overrides"])
-
-
-def model_config(config):
-  """The run's ModelConfig without reading data: vocab 0 means 256 (byte tokenizer)."""
-  from mla_jax.core.config import ModelConfig
-
-  fields = dict(config.model)
-  if not fields["vocab_size"]:
-    if config.data.tokenizer != "bytes" or config.data.source == "tokens":
-      raise SweepError("set model.vocab_size in the sweep: parameter counts need the vocabulary "
-                       "before any data is read")
-    fields["vocab_size"] = 256
-  return ModelConfig.from_mapping(fields)
-
-
-@functools.lru_cache(maxsize=None)
-def count(cfg) -> dict:
-  """count_params on an abstract model (nnx.eval_shape: no memory, any size)."""
-  from flax import nnx
-
-  from mla_jax.core.model import Transformer, count_params
-
-  return count_params(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-
-
-def matching_d_ff(cfg, target_total: int, multiple: int = 8) -> int:
-  """d_ff (a multiple of `multiple`) whose total parameter count is closest to target_total.
-  The count is linear in d_ff, so two evaluations give the slope."""
-  import dataclasses
-
-  a, b = (count(dataclasses.replace(cfg, d_ff=f))["total"] for f in (multiple, 2 * multiple))
-  f = multiple + (target_total - a) / ((b - a) / multiple)
-  return max(multiple, int(round(f / multiple)) * multiple)
-
-
-def param_table(sweep, runs, match: bool = False) -> list[dict]:
-  """Per run: total and non-embedding params, relative difference to the reference run, and
-  with match=True the d_ff that would bring the total closest to the reference's."""
-  rows = []
-  for run in runs:
-    cfg = model_config(run_config(sweep, run))
-    rows.append({"name": run["name"], "cfg": cfg, **count(cfg)})
-  ref_name = sweep.get("reference", runs[0]["name"])
-  ref = next(r for r in rows if r["name"] == ref_name)
-  for r in rows:
-    r["rel"] = r["total"] / ref["total"] - 1
-    r["d_ff"] = r["cfg"].mlp_dim
-    if match:
-      r["match_d_ff"] = matching_d_ff(r["cfg"], ref["total"])
-  return rows
-
-
-# Running ----------------------------------------------------------------------------------------
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  d = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(d):
-    return []
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
-
-
-def is_finished(workdir: str, steps: int) -> bool:
-  done = checkpoint_steps(workdir)
-  return bool(done) and done[-1] == steps
-
-
-def check_existing(workdir: str, steps: int) -> None:
-  """A workdir trained for another number of steps cannot be resumed into this sweep."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      saved = json.load(f)["train"]["steps"]
-    if saved != steps:
-      raise SweepError(f"{workdir}: trained for train.steps={saved} but the sweep asks for "
-                       f"{steps}; use another --out/--runs_dir or --steps={saved}")
-
-
-def format_flag(value) -> str:
-  return repr(value) if isinstance(value, float) else str(value)
-
-
-def train_command(sweep, run, workdir: str) -> list[str]:
-  return ([sys.executable, os.path.join(REPO, "train.py"),
-           f"--config={os.path.join(REPO, sweep.experiment)}:{run['arg']}", f"--workdir={workdir}"]
-          + [f"--config.{k}={format_flag(v)}" for k, v in run["overrides"].items()])
-
-
-def train(sweep, run, workdir: str) -> float:
-  """Trains (or resumes) one run in a subprocess; returns wall seconds. Raises on failure."""
-  os.makedirs(workdir, exist_ok=True)
-  log_path = os.path.join(workdir, "train.log")
-  start = time.time()
-  with open(log_path, "a") as log:
-    log.write(f"\n$ {' '.join(train_command(sweep, run, workdir))}\n")
-    log.flush()
-    proc = subprocess.run(train_command(sweep, run, workdir), cwd=REPO, stdout=log,
-                          stderr=subprocess.STDOUT)
-  if proc.returncode:
-    with open(log_path, errors="replace") as f:
-      tail = [l for l in f.read().replace("\r", "\n").splitlines() if l.strip()][-3:]
-    raise SweepError(f"run {run['name']}: train.py exited {proc.returncode} (log {log_path}): "
-                     + " | ".join(tail))
-  return time.time() - start
-
-
-_EVAL_MODULE = []
-
-
-def load_eval_module():
-  if _EVAL_MODULE:
-    return _EVAL_MODULE[0]
-  spec = importlib.util.spec_from_file_location("mla_eval", os.path.join(REPO, "eval.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  _EVAL_MODULE.append(module)
-  return module
-
-
-def evaluate(sweep, workdir: str, reuse: bool) -> dict:
-  path = os.path.join(workdir, "eval.json")
-  ckpt_dir = os.path.join(workdir, "checkpoints", str(checkpoint_steps(workdir)[-1]))
-  if reuse and os.path.isfile(path) and os.path.getmtime(path) > os.path.getmtime(ckpt_dir):
-    with open(path) as f:
-      return json.load(f)
-  mla_eval = load_eval_module()
-  try:
-    result = mla_eval.evaluate_workdir(
-        workdir, max_tokens=sweep.get("eval_max_tokens", 0),
-        decode_lengths=sweep.get("decode_lengths", "256,max"),
-        decode_steps=sweep.get("decode_steps", 32))
-  except mla_eval.EvalError as e:
-    raise SweepError(f"evaluating {workdir}: {e}") from None
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1)
-  return result
-
-
-def retime_decode(sweep, runs, runs_dir: str, results: dict, rounds: int) -> None:
-  """Replaces each run's decode timings by ones taken in interleaved rounds over all runs (see
-  decode_speed.time_decode_interleaved): per-run timings taken minutes apart on a shared machine
-  differ by tens of percent for the same architecture."""
-  from mla_jax.evaluation import decode_speed
-  from mla_jax.storage import checkpoint as ckpt_lib
-
-  mla_eval = load_eval_module()
-  models = {r["name"]: ckpt_lib.load_model(os.path.join(runs_dir, r["name"])) for r in runs}
-  contexts = mla_eval.decode_contexts(sweep.get("decode_lengths", "256,max"),
-                                      min(m.cfg.max_seq_len for m in models.values()))
-  timed = decode_speed.time_decode_interleaved(models, contexts,
-                                               steps=sweep.get("decode_steps", 32), rounds=rounds)
-  for name, decode in timed.items():
-    results[name] = {**results[name], "decode": decode,
-                     "decode_timing": f"interleaved over all runs, {rounds} rounds"}
-
-
-def say(text: str) -> None:
-  print(f"[compare {time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-def run_sweep(sweep_name: str, out: str, runs_dir: str | None = None, steps: int | None = None,
-              reuse: bool = False, only: str | None = None,
-              command: str | None = None) -> list[str]:
-  """Trains what is missing, evaluates, writes the report; returns the written paths."""
-  sweep = load_sweep(sweep_name)
-  steps = steps or sweep.steps
-  runs = expand_runs(sweep, steps)
-  if only:
-    wanted = set(only.split(","))
-    runs = [r for r in runs if r["name"] in wanted]
-    if not runs:
-      raise SweepError(f"--only: none of {sorted(wanted)} is a run of sweep {sweep.name}")
-  from mla_jax.evaluation import report
-
-  runs_dir = runs_dir or os.path.join(out, "runs")
-  results, timings = {}, {}
-  started = time.time()
-  for i, run in enumerate(runs):
-    workdir = os.path.join(runs_dir, run["name"])
-    check_existing(workdir, steps)
-    if is_finished(workdir, steps):
-      say(f"{run['name']}: finished run reused ({workdir})")
-    else:
-      say(f"{run['name']} ({i + 1}/{len(runs)}): training {steps} steps -> {workdir}/train.log")
-      timings[run["name"]] = train(sweep, run, workdir)
-      say(f"{run['name']}: trained in {timings[run['name']]:.0f} s")
-    t = time.time()
-    results[run["name"]] = evaluate(sweep, workdir, reuse)
-    r = results[run["name"]]
-    say(f"{run['name']}: val_bpb {r['val_bpb']:.4f}, kv {r['kv_bytes_per_token']} B/token "
-        f"(eval {time.time() - t:.0f} s, total {(time.time() - started) / 60:.1f} min)")
-  default_runs = runs_dir == os.path.join(out, "runs")
-  rounds = sweep.get("decode_rounds", 0)
-  if rounds:
-    say(f"decode timing again, all runs interleaved ({rounds} rounds)")
-    retime_decode(sweep, runs, runs_dir, results, rounds)
-  command = command or (f"python scripts/compare.py --sweep={sweep_name} --out={out}"
-                        + ("" if default_runs else f" --runs_dir={runs_dir}")
-                        + (f" --steps={steps}" if steps != sweep.steps else ""))
-  paths = report.write_report(sweep, runs, results, out, runs_dir, command, train_seconds=timings)
-  say(f"wrote {', '.join(paths)} ({(time.time() - started) / 60:.1f} min)")
-  return paths
 
 
 def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
+  from mla_jax.evaluation.sweep import SweepError, expand_runs, load_sweep, param_table, run_sweep
+  from mla_jax.storage.checkpoint import quiet_orbax_logs
+
+  quiet_orbax_logs()
   try:
     if not FLAGS.sweep:
       raise SweepError("--sweep is required")
@@ -344,8 +57,6 @@ def main(argv):
 
 
 def define_flags():
-  """Flags exist only when run as a script: importing this module (tests, compare.py) defines
-  none, so it can be imported next to other absl programs."""
   flags.DEFINE_string("sweep", None, "Sweep name (configs/sweeps/<name>.py) or a path to one.")
   flags.DEFINE_string("out", None, "Output directory for report.md, results.json and plots.")
   flags.DEFINE_string("runs_dir", None, "Directory of the run workdirs (default OUT/runs).")
@@ -359,5 +70,7 @@ def define_flags():
 
 
 if __name__ == "__main__":
+  from mla_jax.cli import parse_flags_or_exit
+
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags_or_exit)

@@ -48,6 +48,8 @@ TINY = ("--config=configs/lm.py:size=tiny", "--config.data.source=text",
         "--config.train.eval_tokens=4096", "--config.train.keep_ckpts=2",
         "--config.train.peak_flops=2e11")
 TIMEOUT = 300  # seconds, per train.py run
+# From SIGTERM / SIGINT to exit: the step in flight, one checkpoint, process teardown.
+PREEMPT_EXIT_S = 10.0
 
 # train.py on a failing disk, without needing one (tests run as root, so read-only permissions
 # would not stop the writes). orbax's CheckpointManager.save is wrapped so that, for the steps in
@@ -207,6 +209,7 @@ def run_parallel(jobs, workers: int = 4, **kw) -> list[Run]:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """metrics.jsonl of a run that may be writing it: a partial last line is skipped."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
@@ -226,8 +229,9 @@ def last_logged_step(workdir: str) -> int:
 
 def ckpt_steps(workdir: str) -> list[int]:
   """Committed step directories, as orbax sees them (tmp and moved-aside ones excluded)."""
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+  from mla_jax.storage.checkpoint import checkpoint_steps
+
+  return checkpoint_steps(os.path.join(workdir, "checkpoints"))
 
 
 def tmp_dirs(workdir: str) -> list[str]:
@@ -241,9 +245,10 @@ def params(workdir: str, which="latest") -> list:
   import numpy as np
   from flax import nnx
 
-  from mla_jax.storage.checkpoint import load_model
+  from mla_jax import Workdir
 
-  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(load_model(workdir, which)))]
+  return [np.asarray(x) for x in
+          jax.tree.leaves(nnx.state(Workdir.open(workdir).load_model(which)))]
 
 
 def resumed_at(run_: Run) -> int | None:
@@ -329,16 +334,20 @@ def drill_preempt(base: str, ref: Reference, sig=signal.SIGTERM, at: int = 10,
   wd = fresh(base, f"preempt_{name.lower()}")
   proc = Proc(wd, ref.args())
   proc.wait_for_step(at)
+  signalled = time.perf_counter()
   proc.p.send_signal(sig)
   stopped = proc.wait()
+  exit_s = time.perf_counter() - signalled
   check(stopped.rc == 0, f"{name}: expected exit 0, got {stopped.describe()}")
+  check(exit_s < PREEMPT_EXIT_S, f"{name}: exit took {exit_s:.1f} s (bound {PREEMPT_EXIT_S} s)")
   logged, saved = last_logged_step(wd), ckpt_steps(wd)
   check(saved and saved[-1] == logged,
         f"{name}: last checkpoint {saved[-1:]} is not the last logged step {logged}")
   check(logged < STEPS, f"{name}: the run finished ({logged} steps) before the signal landed")
   said = f"{name}: checkpointing step {logged}" in stopped.out or logged % CKPT_EVERY == 0
   check(said, f"{name}: no 'checkpointing step {logged}' message in stdout:\n{stopped.out}")
-  summary = f"{name} at step {logged}: exit 0, checkpoint {logged} = last logged step"
+  summary = (f"{name} at step {logged}: exit 0 after {exit_s:.1f} s, checkpoint {logged} = last "
+             "logged step")
   if resume:
     again = run(wd, ref.args())
     check(again.rc == 0, f"the resumed run failed: {again.describe()}")

@@ -34,10 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
   """Runs the CLI on argv (default sys.argv[1:]); returns the meta.json dict."""
   args = parse_args(argv)
-  # workdir=None: always train afresh (a stale OUT/tokenizer from an earlier
-  # run with other flags must not be reused), then overwrite it below.
+  # No tokenizer_dir: always train afresh (a stale OUT/tokenizer from an
+  # earlier run with other flags must not be reused), then overwrite it below.
   corpus = data.load_corpus(args.source, args.path, args.tokenizer, args.vocab_size,
-                            workdir=None, val_fraction=args.val_fraction,
+                            val_fraction=args.val_fraction,
                             max_bytes=args.max_bytes)
   dtype = 'uint16' if corpus.vocab_size <= 65535 else 'uint32'
   os.makedirs(args.out, exist_ok=True)

@@ -40,7 +40,8 @@ def tokens():
 
 
 def load_prepare_data():
-  spec = importlib.util.spec_from_file_location('prepare_data', REPO / 'scripts' / 'prepare_data.py')
+  spec = importlib.util.spec_from_file_location('prepare_data',
+                                                REPO / 'scripts' / 'prepare_data.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -136,15 +137,17 @@ def test_text_split_last_tenth(text_file):
   assert corpus.val_bytes_per_token > 1.0  # Non-ASCII chars are 2-3 bytes.
 
 
-def test_workdir_tokenizer_is_reused(text_file, tmp_path):
-  first = data.load_corpus('text', text_file, 'bpe', 300, workdir=str(tmp_path))
-  assert (tmp_path / 'tokenizer' / 'bpe.json').is_file()
+def test_saved_tokenizer_is_reused(text_file, tmp_path):
+  tok_dir = tmp_path / 'tokenizer'
+  first = data.load_corpus('text', text_file, 'bpe', 300, tokenizer_dir=str(tok_dir))
+  assert not tok_dir.exists()  # loading writes nothing
+  first.tokenizer.save(str(tok_dir))
   # A different vocab_size is ignored: the saved tokenizer wins.
-  second = data.load_corpus('text', text_file, 'bpe', 400, workdir=str(tmp_path))
+  second = data.load_corpus('text', text_file, 'bpe', 400, tokenizer_dir=str(tok_dir))
   assert second.vocab_size == first.vocab_size == 300
   np.testing.assert_array_equal(first.val, second.val)
   with pytest.raises(ValueError, match="holds a 'bpe' tokenizer"):
-    data.load_corpus('text', text_file, 'char', workdir=str(tmp_path))
+    data.load_corpus('text', text_file, 'char', tokenizer_dir=str(tok_dir))
 
 
 def test_tokens_source_round_trip(text_file, tmp_path, capsys):

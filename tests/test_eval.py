@@ -1,4 +1,4 @@
-"""Tests of eval.py, mla_jax.decode_speed, mla_jax.report, scripts/compare.py and the sweep files.
+"""Tests of eval.py (evaluation.workdir_eval), decode_speed, report, sweeps and the sweep files.
 
 Two tiny trained workdirs are shared (module-scoped):
   stdlib_wd  configs/lm.py:attn=mla,size=tiny, 20 steps on 520 kB of stdlib bytes (trainer.train)
@@ -6,7 +6,6 @@ Two tiny trained workdirs are shared (module-scoped):
              bytes, so bits per byte must be exactly loss / ln 2 / 2.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -25,8 +24,10 @@ from mla_jax.core import cache as cache_lib
 from mla_jax.core.config import ModelConfig, kv_cache_bytes_per_token
 from mla_jax.core.model import Transformer, count_params
 from mla_jax.evaluation import decode_speed, report
+from mla_jax.evaluation import sweep as compare
+from mla_jax.evaluation import workdir_eval as mla_eval
 from mla_jax.experiment import load_config
-from mla_jax.storage import checkpoint as ckpt_lib
+from mla_jax.storage.workdir import load_model
 from mla_jax.training import trainer
 from mla_jax.training.logger import read_metrics
 
@@ -34,15 +35,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 GREEK = "αβγδεζηθικλμνξοπρστυφχψω"
 
 
-def _load(name, path):
-  spec = importlib.util.spec_from_file_location(name, REPO / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-mla_eval = _load("mla_eval_under_test", "eval.py")
-compare = _load("compare_under_test", "scripts/compare.py")
 
 
 def _train(workdir, **overrides):
@@ -94,7 +86,7 @@ def test_eval_reports_finite_numbers_matching_the_trainer(stdlib_wd):
   assert r["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
   assert r["val_tokens"] == last["val_tokens"]
   assert r["step"] == 20 and r["tokens_trained"] == 20 * 8 * 64
-  model = ckpt_lib.load_model(stdlib_wd)
+  model = load_model(stdlib_wd)
   assert r["params"] == count_params(model)
   assert r["attention"]["variant"] == "mla" and r["attention"]["kv_lora_rank"] == 32
   # Cache: analytic == measured, and the size at max length x batch follows from it.
@@ -125,7 +117,7 @@ def test_bpb_is_loss_over_ln2_times_tokens_over_bytes(greek_wd):
   ids = load_tokenizer(os.path.join(wd, "tokenizer")).encode(val_text)
   t = 64
   windows = np.stack([ids[i * t:i * t + t + 1] for i in range((len(ids) - 1) // t)])
-  logits = np.asarray(ckpt_lib.load_model(wd)(jnp.asarray(windows[:, :-1])), np.float64)
+  logits = np.asarray(load_model(wd)(jnp.asarray(windows[:, :-1])), np.float64)
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   hand_loss = -np.take_along_axis(logp, windows[:, 1:, None], -1).mean()

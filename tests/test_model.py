@@ -1,7 +1,7 @@
 """Model-level checks: cached decode == full forward for every variant, cache sizes, tracing,
 generation, config validation, parameter counts.
 
-Weights use init_std 0.2 so attention is far from uniform (REFERENCE.md warns that checks at the
+Weights use init_std 0.2 so attention is far from uniform (checks at the
 0.02 default are weak).
 """
 

@@ -113,7 +113,7 @@ def test_params_are_born_sharded_as_the_rules_say(variant):
   for name, want in EXPECTED[variant].items():
     assert_placed(params[name][...], mesh, want)
   # Every parameter, named above or not, follows the table for its own `axes` metadata.
-  for name, var in params.items():
+  for var in params.values():
     value = var[...]
     assert_placed(value, mesh, rules_spec(var.get_metadata()["axes"], value.shape, mesh))
   # The shardings tree handed to jit says the same thing.

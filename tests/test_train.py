@@ -10,7 +10,6 @@ times, each run shared by the tests that read it (module-scoped fixtures):
   run_single   `python train.py` in a subprocess that sees ONE CPU device (CLI overrides)
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -27,10 +26,12 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from configs import lm
 from mla_jax.core import sharding as shd
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.model import Transformer
 from mla_jax.storage import checkpoint as ckpt_lib
+from mla_jax.storage.workdir import CONFIG_FILE, Workdir, load_model
 from mla_jax.training import logger as logger_lib
 from mla_jax.training import trainer
 from mla_jax.training.step import TrainState, make_train_step
@@ -51,16 +52,9 @@ OVERRIDES = {
 CONFIG_ARG = "attn=mla,size=tiny"
 
 
-def _lm_module():
-  spec = importlib.util.spec_from_file_location("configs_lm", REPO / "configs" / "lm.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def make_config(**extra):
   """configs/lm.py:attn=mla,size=tiny with OVERRIDES, then `extra` ('mesh__data'='mesh.data')."""
-  config = _lm_module().get_config(CONFIG_ARG)
+  config = lm.get_config(CONFIG_ARG)
   for key, value in {**OVERRIDES, **{k.replace("__", "."): v for k, v in extra.items()}}.items():
     node = config
     *parents, leaf = key.split(".")
@@ -121,8 +115,8 @@ class _Recorder:
       return jitted
 
     class Logger(logger_lib.MetricsLogger):
-      def advance(self, step):
-        super().advance(step)
+      def dispatched(self, step, output):
+        super().dispatched(step, output)
         if step == stop_at:
           handler = signal.getsignal(signal.SIGTERM)
           assert isinstance(getattr(handler, "__self__", None), trainer._StopFlag), handler
@@ -206,12 +200,12 @@ def test_cli_rejects_bad_config(tmp_path, config_arg, flags, expected):
   assert proc.returncode != 0
   for text in expected:
     assert text.lower() in proc.stderr.lower(), (text, proc.stderr[-2000:])
-  assert not (tmp_path / "w" / ckpt_lib.CONFIG_FILE).exists()  # nothing ran
+  assert not (tmp_path / "w" / CONFIG_FILE).exists()  # nothing ran
 
 
 def test_cli_overrides_reach_config_json(run_single, run_a):
-  saved = ckpt_lib.read_config(run_single["workdir"])
-  default = _lm_module().get_config(CONFIG_ARG)
+  saved = Workdir.open(run_single["workdir"]).config
+  default = lm.get_config(CONFIG_ARG)
   assert default.train.steps != STEPS and default.data.seq_len != 32  # the overrides change these
   assert saved["train"]["steps"] == STEPS
   assert saved["data"]["seq_len"] == 32 and saved["data"]["max_bytes"] == 520_000
@@ -219,12 +213,11 @@ def test_cli_overrides_reach_config_json(run_single, run_a):
   assert saved["model"]["vocab_size"] == 256  # 0 in the config: resolved from the byte tokenizer
   assert saved["train"]["peak_flops"] == 2e11
   # The command line gives exactly the config that make_config() builds in-process.
-  assert saved == ckpt_lib.read_config(run_a["workdir"])
+  assert saved == Workdir.open(run_a["workdir"]).config
   assert "val_loss" in run_single["proc"].stdout  # train.py's final summary line
 
 
 def test_lm_config_args():
-  lm = _lm_module()
   c = lm.get_config("attn=gqa,size=tiny")
   assert (c.model.attention, c.model.d_model, c.model.n_layers, c.model.n_heads) == (
       "gqa", 64, 2, 4)
@@ -268,8 +261,8 @@ def test_resume_is_exact(run_a, run_b):
   assert [m["step"] for m in b] == list(range(1, STEPS + 1))  # no duplicated or missing step
   for key in ("loss", "grad_norm", "val_loss"):
     assert by_step(b, key) == by_step(a, key), key  # bitwise on CPU, after the restart too
-  for name, x in flat_params(ckpt_lib.load_model(run_a["workdir"])).items():
-    y = flat_params(ckpt_lib.load_model(run_b["workdir"]))[name]
+  for name, x in flat_params(load_model(run_a["workdir"])).items():
+    y = flat_params(load_model(run_b["workdir"]))[name]
     assert np.array_equal(np.asarray(x), np.asarray(y)), name
   assert ckpt_lib.Checkpointer(run_b["workdir"]).steps() == [20, 30]
 
@@ -308,7 +301,7 @@ def test_mesh_shards_params_as_the_table_says(run_mesh):
       "blocks/0/attn_norm/scale/value": (),
       "final_norm/scale/value": (),
   }
-  model = ckpt_lib.load_model(run_mesh["workdir"])
+  model = load_model(run_mesh["workdir"])
   shapes = {k: v.shape for k, v in flat_params(model).items()}
   for name, spec in expected.items():
     assert shardings[name].is_equivalent_to(NamedSharding(mesh, PartitionSpec(*spec)),
@@ -401,7 +394,8 @@ def test_no_recompilation_after_step_one(run_mesh, run_a):
 def test_checkpoints_keep_latest_and_best(tmp_path):
   cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, kv_lora_rank=8,
                     qk_rope_head_dim=4)
-  (tmp_path / ckpt_lib.CONFIG_FILE).write_text(json.dumps({"model": cfg.to_dict()}))
+  (tmp_path / CONFIG_FILE).write_text(json.dumps({"model": cfg.to_dict(), "data": {},
+                                                  "train": {"steps": 5}}))
   params = lambda step: nnx.state(Transformer(cfg, rngs=nnx.Rngs(step)), nnx.Param)
   val_losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: None}
 
@@ -423,11 +417,11 @@ def test_checkpoints_keep_latest_and_best(tmp_path):
   assert ckpt.best_step() == 2
   ckpt.close()
   for which, step in (("best", 2), ("latest", 5), (4, 4)):
-    got = flat_params(ckpt_lib.load_model(str(tmp_path), which))
+    got = flat_params(load_model(str(tmp_path), which))
     for name, x in flat_params(params(step)).items():
       assert np.array_equal(np.asarray(got[name]), np.asarray(x)), (which, name)
-  with pytest.raises(ValueError, match="no checkpoint 3"):
-    ckpt_lib.load_model(str(tmp_path), 3)
+  with pytest.raises(ValueError, match=r"which: '3' is not latest, best or one of the steps"):
+    load_model(str(tmp_path), 3)
 
 
 def test_trainer_checkpoints_keep_latest_and_best(run_a):
@@ -438,8 +432,8 @@ def test_trainer_checkpoints_keep_latest_and_best(run_a):
   assert ckpt.best_step() == best
   assert ckpt.meta(best)["val_loss"] == val[best]
   ckpt.close()
-  got = flat_params(ckpt_lib.load_model(run_a["workdir"], "best"))
-  for name, x in flat_params(ckpt_lib.load_model(run_a["workdir"], best)).items():
+  got = flat_params(load_model(run_a["workdir"], "best"))
+  for name, x in flat_params(load_model(run_a["workdir"], best)).items():
     assert np.array_equal(np.asarray(got[name]), np.asarray(x)), name
 
 
@@ -447,12 +441,12 @@ def test_trainer_checkpoints_keep_latest_and_best(run_a):
 
 
 def test_workdir_refuses_another_model(run_a, tmp_path):
-  saved = pathlib.Path(run_a["workdir"], ckpt_lib.CONFIG_FILE).read_text()
-  (tmp_path / ckpt_lib.CONFIG_FILE).write_text(saved)
+  saved = pathlib.Path(run_a["workdir"], CONFIG_FILE).read_text()
+  (tmp_path / CONFIG_FILE).write_text(saved)
   config = make_config(model__d_model=48, model__n_layers=2)
   with pytest.raises(ValueError, match=r"model\.d_model") as e:
     trainer.train(config, str(tmp_path))
   assert "model.d_model: 32 -> 48" in str(e.value) and "model.n_layers: 1 -> 2" in str(e.value)
   assert "n_heads" not in str(e.value)  # only the fields that differ
-  assert (tmp_path / ckpt_lib.CONFIG_FILE).read_text() == saved  # left as it was
+  assert (tmp_path / CONFIG_FILE).read_text() == saved  # left as it was
   assert not (tmp_path / "checkpoints").exists()

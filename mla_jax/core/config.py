@@ -24,7 +24,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Every architectural choice of a decoder-only LM. Sizes follow REFERENCE.md's notation."""
+  """Every architectural choice of a decoder-only LM. Notation: docs/model.md."""
 
   vocab_size: int = 256
   d_model: int = 256  # D
@@ -101,7 +101,8 @@ class ModelConfig:
     values = dict(cfg.items())
     unknown = sorted(set(values) - fields)
     if unknown:
-      raise ValueError(f"model.{unknown[0]}: unknown model field (known: {', '.join(sorted(fields))})")
+      raise ValueError(f"model.{unknown[0]}: unknown model field "
+                       f"(known: {', '.join(sorted(fields))})")
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:
@@ -179,7 +180,7 @@ def _validate_mla(c: ModelConfig) -> None:
 
 
 def kv_cache_bytes_per_token(c: ModelConfig) -> int:
-  """Analytic KV-cache bytes per token, all layers (REFERENCE.md sections 1 and 2).
+  """Analytic KV-cache bytes per token, all layers (docs/model.md).
 
   GQA family: 2 * G * K * L elements (K and V per kv head); MLA: (C + R) * L elements
   (the normalised latent plus one shared, already-rotated rope key).

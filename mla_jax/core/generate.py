@@ -102,7 +102,8 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, temperature: fl
   graphdef, state = nnx.split(model)
   cache = cache_lib.init_cache(cfg, len(prompts), longest + max_new_tokens)
   out, n = _generate(graphdef, state, cache, jnp.asarray(padded), jnp.asarray(lengths),
-                     max_new_tokens, jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
+                     max_new_tokens, jax.random.key(seed),
+                     jnp.int32(-1 if eos_id is None else eos_id),
                      jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
   out = np.asarray(out)[:, :int(n)]
   results = []

@@ -53,7 +53,7 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-# Rotary embeddings ---------------------------------------------------------------------------------
+# Rotary embeddings -------------------------------------------------------------------------------
 # Two layouts pair the dims differently: "half" (Llama/HF) rotates (i, i + R/2); "interleaved"
 # (DeepSeek checkpoints) rotates (2i, 2i + 1). Both use frequency theta^(-2i/R) for pair i, so they
 # agree exactly once the weights' output dims are permuted (see `interleaved_to_half_perm`).

@@ -74,7 +74,8 @@ class Transformer(nnx.Module):
     new_layers = []
     for i, block in enumerate(self.blocks):
       layer_cache = None if cache is None else cache.layers[i]
-      x, layer_cache = run(block, x, positions, layer_cache, None if cache is None else cache.lengths)
+      lengths = None if cache is None else cache.lengths
+      x, layer_cache = run(block, x, positions, layer_cache, lengths)
       new_layers.append(layer_cache)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:
@@ -89,6 +90,22 @@ def token_losses(graphdef, params, tokens: jax.Array) -> jax.Array:
   model = nnx.merge(graphdef, params)
   logits = model(tokens[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """The Transformer of cfg with ShapeDtypeStructs for arrays: shapes, no memory, any size."""
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """{'blocks.0.attn.wq': shape, ...} for every parameter array of cfg's model (no allocation)."""
+  state = nnx.state(abstract_model(cfg))
+  return {".".join(map(str, path)): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def diff_param_shapes(a: dict[str, tuple], b: dict[str, tuple]) -> list[tuple[str, tuple, tuple]]:
+  """[(name, shape in a or None, shape in b or None)] for every parameter whose shape differs."""
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def count_params(model: nnx.Module) -> dict[str, int]:

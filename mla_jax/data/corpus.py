@@ -118,7 +118,8 @@ def text_files(path: str) -> list[str]:
       raise FileNotFoundError(f'data.path: no file matches {path!r}')
     return files
   if os.path.isdir(path):
-    raise ValueError(f"data.path: {path!r} is a directory; give a file or a glob like '{path}/*.txt'")
+    raise ValueError(f"data.path: {path!r} is a directory; give a file or a glob like "
+                     f"'{path}/*.txt'")
   if not os.path.isfile(path):
     raise FileNotFoundError(f'data.path: no file {path!r}')
   return [path]
@@ -176,7 +177,8 @@ def read_meta(path: str) -> dict:
     if key not in meta:
       raise ValueError(f'data.path: {meta_path!r} has no {key!r}')
   if meta['dtype'] not in TOKEN_DTYPES:
-    raise ValueError(f"data.path: {meta_path!r} has dtype {meta['dtype']!r}; expected one of {TOKEN_DTYPES}")
+    raise ValueError(f"data.path: {meta_path!r} has dtype {meta['dtype']!r}; expected one of "
+                     f"{TOKEN_DTYPES}")
   return meta
 
 
@@ -203,6 +205,13 @@ def _read_token_split(path: str, split: str, meta: dict) -> np.ndarray:
   return tokens
 
 
+def tokens_tokenizer_dir(path: str, meta: dict | None = None) -> str | None:
+  """The tokenizer directory a token directory's meta.json names (relative to it), or None."""
+  meta = read_meta(path) if meta is None else meta
+  tok_dir = (meta.get('tokenizer') or {}).get('dir')
+  return os.path.join(os.path.dirname(_token_path(path, 'meta.json')), tok_dir) if tok_dir else None
+
+
 def _load_tokens(path: str) -> tuple[Corpus, str | None]:
   """Corpus (tokenizer=None) and the tokenizer directory named in meta.json."""
   if not path:
@@ -210,9 +219,7 @@ def _load_tokens(path: str) -> tuple[Corpus, str | None]:
   meta = read_meta(path)
   train = _read_token_split(path, 'train', meta)
   val = _read_token_split(path, 'val', meta)
-  tok_dir = (meta.get('tokenizer') or {}).get('dir')
-  if tok_dir:  # Relative to meta.json's directory.
-    tok_dir = os.path.join(os.path.dirname(_token_path(path, 'meta.json')), tok_dir)
+  tok_dir = tokens_tokenizer_dir(path, meta)
   corpus = Corpus(train, val, None, int(meta['vocab_size']),
                   int(meta['train_bytes']), int(meta['val_bytes']))
   return corpus, tok_dir
@@ -223,13 +230,13 @@ def _load_tokens(path: str) -> tuple[Corpus, str | None]:
 
 
 def load_corpus(source: str = 'stdlib', path: str = '', tokenizer: str = 'bytes',
-                vocab_size: int = 0, workdir: str | None = None,
+                vocab_size: int = 0, tokenizer_dir: str | None = None,
                 val_fraction: float = 0.1, max_bytes: int = 0) -> Corpus:
-  """Loads a corpus and tokenizes it (see the module docstring for sources).
+  """Loads a corpus and tokenizes it (see the module docstring for sources). Writes nothing.
 
-  The tokenizer is built on the train split only. With a workdir, an existing
-  workdir/tokenizer/tokenizer.json is loaded instead of retraining (resumed and
-  evaluated runs keep their vocabulary) and a newly built one is saved there.
+  The tokenizer is built on the train split only. When `tokenizer_dir` holds a
+  saved tokenizer (a workdir's, on resume or evaluation), that one is used
+  instead of building a new one, so the vocabulary stays the run's.
   For 'tokens', the tokenizer comes from the directory (None if it has none);
   `tokenizer`/`vocab_size` are then ignored.
   """
@@ -240,15 +247,13 @@ def load_corpus(source: str = 'stdlib', path: str = '', tokenizer: str = 'bytes'
     tok = None
     if tok_dir and os.path.isfile(os.path.join(tok_dir, tok_lib.META_FILE)):
       tok = tok_lib.load_tokenizer(tok_dir)
-      if workdir:  # So evaluation/sampling from the workdir alone can decode.
-        tok.save(os.path.join(workdir, 'tokenizer'))
     return dataclasses.replace(corpus, tokenizer=tok)
 
   tok_lib.check_tokenizer_args(tokenizer, vocab_size)
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f'data.val_fraction: must be in (0, 1), got {val_fraction}')
   tok = None
-  tok_dir = os.path.join(workdir, 'tokenizer') if workdir else None
+  tok_dir = tokenizer_dir
   if tok_dir and os.path.isfile(os.path.join(tok_dir, tok_lib.META_FILE)):
     tok = tok_lib.load_tokenizer(tok_dir)  # Before reading: cheap to check.
     if tok.name != tokenizer:
@@ -262,8 +267,6 @@ def load_corpus(source: str = 'stdlib', path: str = '', tokenizer: str = 'bytes'
 
   if tok is None:
     tok = tok_lib.build_tokenizer(tokenizer, train_text, vocab_size)
-    if tok_dir:
-      tok.save(tok_dir)
   return Corpus(
       train=tok.encode(train_text),
       val=tok.encode(val_text),  # May raise for the char tokenizer: see there.

@@ -23,6 +23,7 @@ from flax import nnx
 
 from mla_jax.core import cache as cache_lib
 from mla_jax.core.generate import decode_step_jit
+from mla_jax.core.model import abstract_model
 
 
 def time_decode(model: nnx.Module, context: int, batch: int = 1, steps: int = 32,
@@ -53,10 +54,8 @@ def time_decode(model: nnx.Module, context: int, batch: int = 1, steps: int = 32
 
 def with_decode_impl(model: nnx.Module, impl: str) -> nnx.Module:
   """The same parameters behind an MLA model whose config picks another decode path."""
-  from mla_jax.core.model import Transformer  # model imports generate-free modules only
-
   cfg = dataclasses.replace(model.cfg, mla_decode_impl=impl)
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  graphdef, _ = nnx.split(abstract_model(cfg))
   return nnx.merge(graphdef, nnx.state(model))
 
 
@@ -91,7 +90,7 @@ def time_decode_interleaved(models: dict, contexts=(256, 1024), batch: int = 1, 
   out: dict[str, dict[str, list[dict]]] = {}
   for (name, impl), by_context in samples.items():
     points = []
-    for c, runs in by_context.items():
+    for runs in by_context.values():
       ms = statistics.median(r["ms_per_token"] for r in runs)
       points.append({**runs[0], "ms_per_token": ms, "tokens_per_s": batch * 1000 / ms,
                      "mean_ms_per_token": statistics.fmean(r["mean_ms_per_token"] for r in runs),

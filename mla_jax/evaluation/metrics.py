@@ -1,4 +1,4 @@
-"""Validation loss, perplexity and bits per byte over a token split (deterministic, full windows)."""
+"""Validation loss, perplexity and bits per byte over a token split (deterministic full windows)."""
 
 from __future__ import annotations
 
@@ -38,10 +38,16 @@ class Evaluator:
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
   def __call__(self, params, tokens: np.ndarray, bytes_per_token: float,
-               max_tokens: int = 0) -> dict:
-    """Returns val_loss (nats/token), val_ppl, val_bpb, val_tokens, loss_by_position [T]."""
+               max_tokens: int = 0, progress=None) -> dict:
+    """Returns val_loss (nats/token), val_ppl, val_bpb, val_tokens, loss_by_position [T].
+    progress(tokens scored, tokens to score), when given, is called about every 10%."""
     total, count, by_pos = 0.0, 0.0, np.zeros(self.seq_len)
-    for batch in pipeline.eval_batches(tokens, self.seq_len, self.batch_size, max_tokens):
+    windows_total = pipeline.num_eval_windows(len(tokens), self.seq_len, max_tokens)
+    n_batches = -(-windows_total // self.batch_size)
+    for i, batch in enumerate(
+        pipeline.eval_batches(tokens, self.seq_len, self.batch_size, max_tokens)):
+      if progress and i % max(1, n_batches // 10) == 0:
+        progress(i * self.batch_size * self.seq_len, windows_total * self.seq_len)
       n = batch.shape[0]
       weights = np.zeros(self.batch_size, np.float32)
       weights[:n] = 1.0
@@ -66,7 +72,7 @@ def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
 
 
 def evaluate_model(model, tokens: np.ndarray, bytes_per_token: float, seq_len: int,
-                   batch_size: int, max_tokens: int = 0) -> dict:
+                   batch_size: int, max_tokens: int = 0, progress=None) -> dict:
   """Evaluator over all local devices for a model that lives anywhere (e.g. a restored one).
 
   Parameters are replicated and the batch is split over every device ('data' axis); batch_size
@@ -83,7 +89,7 @@ def evaluate_model(model, tokens: np.ndarray, bytes_per_token: float, seq_len: i
                           is_leaf=lambda x: isinstance(x, nnx.Variable))
   params = jax.device_put(params, param_sh)
   evaluator = Evaluator(graphdef, param_sh, mesh, batch_size, seq_len)
-  return evaluator(params, tokens, bytes_per_token, max_tokens)
+  return evaluator(params, tokens, bytes_per_token, max_tokens, progress)
 
 
 def position_buckets(loss_by_position, n_buckets: int = 8) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Comparison report of a sweep: results.json, report.md and four PNG plots (matplotlib, Agg).
+"""Comparison report of a sweep: results.json, report.md and four PNG plots; one run's curves.
 
 `write_report(sweep, runs, results, out, runs_dir, command)` is what scripts/compare.py calls:
 `runs` are its expanded runs ({name, variant, seed, ...}), `results` eval.py's dict per run name.
@@ -14,9 +14,9 @@ import os
 import statistics
 
 import matplotlib
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from mla_jax.storage.workdir import read_metrics
 
 PLOTS = {"pareto": "bpb_vs_kv_bytes.png", "curves": "training_curves.png",
          "decode": "decode_ms_per_token.png", "position": "loss_by_position.png"}
@@ -27,12 +27,8 @@ PLOTS = {"pareto": "bpb_vs_kv_bytes.png", "curves": "training_curves.png",
 
 def read_curve(workdir: str) -> list[list[float]]:
   """[[tokens, val_loss], ...] from a workdir's metrics.jsonl (evaluation records only)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return []
-  with open(path) as f:
-    records = [json.loads(l) for l in f if l.strip()]
-  return [[r["tokens"], r["val_loss"]] for r in records if "val_loss" in r and "tokens" in r]
+  return [[r["tokens"], r["val_loss"]] for r in read_metrics(workdir)
+          if "val_loss" in r and "tokens" in r]
 
 
 def dims(r: dict) -> str:
@@ -110,15 +106,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def _colors(variants: list[str]) -> dict[str, tuple]:
-  cmap = plt.get_cmap("tab10")
+  cmap = matplotlib.colormaps["tab10"]
   return {v: cmap(i % 10) for i, v in enumerate(variants)}
 
 
 def plot_pareto(doc: dict, path: str) -> None:
   runs, stats = doc["runs"], doc["variants"]
   colors = _colors(list(stats))
-  fig, ax = plt.subplots(figsize=(7, 4.8))
-  for name, r in runs.items():
+  fig = Figure(figsize=(7, 4.8))
+  ax = fig.subplots()
+  for _name, r in runs.items():
     ax.scatter(r["kv_bytes_per_token"], r["val_bpb"], color=colors[r["variant"]], s=28, alpha=0.6,
                zorder=3)
   names = list(stats)
@@ -148,13 +145,13 @@ def plot_pareto(doc: dict, path: str) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def plot_curves(doc: dict, path: str) -> None:
   runs = doc["runs"]
   colors = _colors(list(doc["variants"]))
-  fig, ax = plt.subplots(figsize=(7, 4.8))
+  fig = Figure(figsize=(7, 4.8))
+  ax = fig.subplots()
   tail = []
   for name, r in runs.items():
     if not r["curve"]:
@@ -173,13 +170,13 @@ def plot_curves(doc: dict, path: str) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def plot_decode(doc: dict, path: str) -> None:
   runs, stats = doc["runs"], doc["variants"]
   colors = _colors(list(stats))
-  fig, ax = plt.subplots(figsize=(7, 4.8))
+  fig = Figure(figsize=(7, 4.8))
+  ax = fig.subplots()
   for v, s in stats.items():
     r = runs[s["runs"][0]]  # one run per variant: seeds share the architecture
     for impl, points in r["decode"].items():
@@ -195,7 +192,6 @@ def plot_decode(doc: dict, path: str) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def _bucketed(losses: list[float], n: int = 24) -> tuple[list[float], list[float]]:
@@ -212,7 +208,8 @@ def plot_position(doc: dict, path: str) -> None:
   colors = _colors(list(stats))
   ref = doc["setup"]["reference"]
   _, ref_y = _bucketed(runs[ref]["loss_by_position"])
-  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+  fig = Figure(figsize=(11, 4.5))
+  (ax, ax2) = fig.subplots(1, 2)
   for v, s in stats.items():
     curves = [_bucketed(runs[n]["loss_by_position"]) for n in s["runs"]]
     xs = curves[0][0]
@@ -233,7 +230,6 @@ def plot_position(doc: dict, path: str) -> None:
     a.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 # Markdown ---------------------------------------------------------------------------------------
@@ -241,7 +237,7 @@ def plot_position(doc: dict, path: str) -> None:
 
 def _decode_cell(r: dict, context: int) -> str:
   cells = []
-  for impl, points in r["decode"].items():
+  for _impl, points in r["decode"].items():
     p = next((p for p in points if p["context"] == context), None)
     if p:
       cells.append(f"{p['ms_per_token']:.2f}")
@@ -341,7 +337,8 @@ def markdown(doc: dict) -> str:
     lines.append(f"| {v} | {s['kv_bytes_per_token']:,} | "
                  f"{100 * s['kv_bytes_per_token'] / runs[ref]['kv_bytes_per_token']:.1f}% | "
                  f"{s['val_bpb_mean']:.4f} | {100 * (s['val_bpb_mean'] / ref_bpb - 1):+.2f}% |")
-  lines += ["", "### Read-outs (computed from the numbers above)", ""] + [f"- {n}" for n in notes(doc)]
+  lines += ["", "### Read-outs (computed from the numbers above)", ""]
+  lines += [f"- {n}" for n in notes(doc)]
   lines += ["", "## Figures", ""]
   captions = {"pareto": "Validation bits per byte vs KV cache bytes per token",
               "curves": "Training curves (validation loss vs tokens)",
@@ -375,3 +372,34 @@ def write_report(sweep, runs, results: dict, out: str, runs_dir: str, command: s
   with open(path, "w") as f:
     json.dump(doc, f, indent=1)
   return [path] + render(doc, out)
+
+
+# One run ----------------------------------------------------------------------------------------
+
+RUN_PLOT = "curves.png"
+
+
+def write_run_plot(workdir: str) -> str | None:
+  """workdir/curves.png from its metrics.jsonl: training loss and validation bits per byte
+  against steps. Returns the path, or None when nothing was logged."""
+  records = read_metrics(workdir)
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  val = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
+  if not train and not val:
+    return None
+  fig = Figure(figsize=(7, 4.2))
+  ax = fig.subplots()
+  if train:
+    ax.plot(*zip(*train), color="tab:blue", lw=1, label="train loss (nats/token)")
+  ax.set_xlabel("step")
+  ax.set_ylabel("train loss (nats/token)", color="tab:blue")
+  if val:
+    ax2 = ax.twinx()
+    ax2.plot(*zip(*val), color="tab:red", marker="o", ms=3, label="validation bits per byte")
+    ax2.set_ylabel("validation bits per byte", color="tab:red")
+  ax.set_title(os.path.basename(os.path.normpath(workdir)), fontsize=10)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(workdir, RUN_PLOT)
+  fig.savefig(path, dpi=110)
+  return path

@@ -1,1 +1,1 @@
-"""What a run leaves on disk: orbax checkpoints (checkpoint) and the workdir around them (workdir)."""
+"""What a run leaves on disk: orbax checkpoints (checkpoint) and the workdir around them."""

@@ -1,8 +1,9 @@
-"""Checkpoints in a workdir: orbax CheckpointManager with four items per step.
+"""Checkpoints of a run: an orbax CheckpointManager with four items per step.
 
-    workdir/config.json           the resolved experiment config (written once by the trainer)
-    workdir/checkpoints/<step>/   params | opt (optimizer state + counters) | data (grain iterator) |
-                                  meta (step, val_loss, tokens seen)
+    workdir/checkpoints/<step>/   params | opt (optimizer state + counters) |
+                                  data (grain iterator) | meta (step, val_loss, tokens seen)
+
+The workdir around them (config.json, tokenizer, opening and loading a model) is storage.workdir.
 
 Keeps the latest N steps plus the best by validation loss. A step that fails to restore (a file
 truncated or deleted) is skipped with a warning in favour of the previous one and, once an earlier
@@ -17,7 +18,6 @@ deletes old steps only after a new one is committed, so a failed save never cost
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,9 +26,6 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
-
-from mla_jax.core.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +37,12 @@ class _NoMetricsNoise(logging.Filter):
     return "tracked_metric" not in record.getMessage()
 
 
-logging.getLogger("absl").addFilter(_NoMetricsNoise())
-CONFIG_FILE = "config.json"
+def quiet_orbax_logs() -> None:
+  """Entry points call this once: hides orbax's per-save 'no tracked_metric' warning (a
+  process-wide logging change, so the library never makes it on import)."""
+  absl_log = logging.getLogger("absl")
+  if not any(isinstance(f, _NoMetricsNoise) for f in absl_log.filters):
+    absl_log.addFilter(_NoMetricsNoise())
 
 
 class CheckpointError(RuntimeError):
@@ -55,13 +56,24 @@ def _first_line(e: BaseException, n: int) -> str:
   return line if len(line) <= n else f"{line[:n // 2 - 3]} ... {line[-(n // 2 - 2):]}"
 
 
-def _abstract(tree, shardings):
+def abstract_with_shardings(tree, shardings):
   """ShapeDtypeStructs carrying shardings: the restore target orbax needs under a mesh."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
                       shardings)
 
 
+def checkpoint_steps(directory: str) -> list[int]:
+  """Finished steps under a checkpoints/ directory, read without orbax: digit-named directories
+  (orbax writes a step under a temporary name and renames it when complete)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
 class Checkpointer:
+  """The orbax manager of a workdir's checkpoints/; usable as a context manager (closes)."""
+
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep),
@@ -186,36 +198,8 @@ class Checkpointer:
     self.wait()
     self.manager.close()
 
+  def __enter__(self) -> "Checkpointer":
+    return self
 
-def read_config(workdir: str) -> dict[str, Any]:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no config.json; is this a training workdir?")
-  with open(path) as f:
-    return json.load(f)
-
-
-def load_model(workdir: str, which: str | int = "latest") -> nnx.Module:
-  """Rebuilds a trained Transformer from its workdir alone: 'latest', 'best' or a step number."""
-  from mla_jax.core.model import Transformer  # model sits below checkpointing in the import order
-
-  cfg = ModelConfig.from_mapping(read_config(workdir)["model"])
-  ckpt = Checkpointer(workdir, async_save=False)
-  steps = ckpt.steps()
-  if not steps:
-    raise FileNotFoundError(f"{ckpt.directory}: no checkpoint in this workdir")
-  step = {"latest": steps[-1], "best": ckpt.best_step()}.get(which, which)
-  if step is None or int(step) not in steps:
-    raise ValueError(f"which: no checkpoint {which!r} in {ckpt.directory} (steps: {steps})")
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params = nnx.split(abstract)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = _abstract(params, jax.tree.map(lambda _: sharding, params))
-  try:
-    restored, _, _ = ckpt.restore(int(step), target)
-  except ValueError as e:
-    raise ValueError(f"{ckpt.directory}/{step}: checkpoint does not match config.json's model "
-                     f"({str(e).splitlines()[0][:200]})") from e
-  finally:
-    ckpt.close()
-  return nnx.merge(graphdef, restored)
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,4 +1,4 @@
-"""AdamW with warmup + cosine / WSD / constant schedules, decoupled weight decay on matrices only."""
+"""AdamW with warmup + cosine / WSD / constant schedules; decoupled weight decay on matrices."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ SCHEDULES = ("cosine", "wsd", "constant")
 
 
 def learning_rate_schedule(lr: float, steps: int, warmup_steps: int, schedule: str,
-                           min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> optax.Schedule:
+                           min_lr_ratio: float = 0.1,
+                           decay_fraction: float = 0.2) -> optax.Schedule:
   """Linear warmup to lr, then:
     cosine    cosine decay to min_lr_ratio * lr at the last step (nanoGPT);
-    wsd       warmup-stable-decay: constant, then linear decay over the last decay_fraction of steps;
+    wsd       warmup-stable-decay: constant, then linear decay over the last decay_fraction
+              of the steps;
     constant  flat.
   """
   if schedule not in SCHEDULES:
@@ -40,7 +42,8 @@ def decay_mask(params):
 
 
 def make_optimizer(*, lr: float, steps: int, warmup_steps: int, schedule: str = "cosine",
-                   min_lr_ratio: float = 0.1, decay_fraction: float = 0.2, weight_decay: float = 0.1,
+                   min_lr_ratio: float = 0.1, decay_fraction: float = 0.2,
+                   weight_decay: float = 0.1,
                    b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                    grad_clip: float = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (transformation, schedule); the schedule is also used to log the learning rate."""

@@ -1,7 +1,8 @@
 """The pure, jittable training step over (graphdef, state).
 
 The hot loop jits plain functions of (graphdef, TrainState, batch) rather than `nnx.jit` on the
-module: less Python per call (STACK_NOTES), and the state is a pytree orbax can save directly.
+module: less Python per call (docs/performance.md), and the state is a pytree orbax can save
+directly.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, microbatches: in
       n = ns.sum()
     loss = loss_sum / n
     grads = jax.tree.map(lambda g: g / n, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Finite gradients can still give a non-finite update (e.g. optim.eps=0): check both.
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = TrainState(
         step=state.step + 1,

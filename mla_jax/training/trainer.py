@@ -2,12 +2,13 @@
 checkpoint, resume. `train(config, workdir)` is what train.py calls.
 
 Order matters for the user: every config error is raised before data is read or anything compiles,
-and re-running the same command on a workdir resumes from its newest readable checkpoint.
+nothing is written before the data is read and checked, re-running the same command on a workdir
+resumes from its newest readable checkpoint, and re-running a finished one changes nothing.
 """
 
 from __future__ import annotations
 
-import json
+import collections
 import logging
 import os
 import signal
@@ -21,21 +22,31 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mla_jax import host_memory
 from mla_jax.core import sharding as shd
 from mla_jax.core.config import ModelConfig
-from mla_jax.core.model import Transformer, count_params
+from mla_jax.core.model import (
+    Transformer,
+    abstract_model,
+    count_params,
+    diff_param_shapes,
+    param_shapes,
+)
 from mla_jax.data import corpus as data_lib
 from mla_jax.data import pipeline
 from mla_jax.evaluation.metrics import Evaluator
 from mla_jax.evaluation.perf import measure_peak_flops, train_flops_per_token
-from mla_jax.storage.checkpoint import CONFIG_FILE, Checkpointer, CheckpointError, _abstract
-from mla_jax.training.logger import MetricsLogger
+from mla_jax.evaluation.report import write_run_plot
+from mla_jax.experiment import ExperimentConfig
+from mla_jax.storage.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
+from mla_jax.storage.workdir import TOKENIZER_DIR, Workdir
+from mla_jax.training.logger import MetricsLogger, read_metrics
 from mla_jax.training.optim import make_optimizer
 from mla_jax.training.step import TrainState, make_train_step
 
 log = logging.getLogger(__name__)
-NONFINITE_POLICIES = ("stop", "skip")
+# Above this many passes over the training split the run is told it will mostly memorise.
+MAX_EPOCHS_QUIET = 4
+MAX_IN_FLIGHT = 2  # train steps dispatched ahead of the one the host waits for
 
 
 class NonFiniteError(RuntimeError):
@@ -57,26 +68,11 @@ def parse_rules(text: str) -> dict[str, Any]:
   return shd.make_rules(rules)
 
 
-def check_config(config) -> tuple[dict[str, int], dict[str, Any]]:
-  """Validates the parts that need no data; returns (mesh sizes, sharding rules)."""
-  t, d = config.train, config.data
-  for name in ("steps", "global_batch", "microbatches", "log_every", "eval_every", "ckpt_every",
-               "keep_ckpts"):
-    if getattr(t, name) <= 0:
-      raise ValueError(f"train.{name}: must be positive, got {getattr(t, name)}")
-  if t.on_nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f"train.on_nonfinite: {t.on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
-  probe = dict(config.model)
-  probe["vocab_size"] = probe["vocab_size"] or 256  # the real one comes from the tokenizer
-  model_cfg = ModelConfig.from_mapping(probe)
-  if d.seq_len <= 0:
-    raise ValueError(f"data.seq_len: must be positive, got {d.seq_len}")
-  if d.seq_len > model_cfg.max_seq_len:
-    raise ValueError(f"data.seq_len: {d.seq_len} is above model.max_seq_len="
-                     f"{model_cfg.max_seq_len}")
-  mesh = {a: config.mesh[a] for a in shd.MESH_AXES}
-  sizes = shd.resolve_mesh_shape(mesh, jax.device_count())
-  rules = parse_rules(config.mesh.rules)
+def check_config(exp: ExperimentConfig) -> tuple[dict[str, int], dict[str, Any]]:
+  """The checks that need the devices (mesh, batch split); returns (mesh sizes, rules)."""
+  t = exp.train
+  sizes = shd.resolve_mesh_shape(exp.mesh.shape, jax.device_count())
+  rules = parse_rules(exp.mesh.rules)
   dp = shd.data_parallel_size(sizes, rules)
   if t.global_batch % (dp * t.microbatches):
     raise ValueError(f"train.global_batch: {t.global_batch} is not divisible by data-parallel "
@@ -87,16 +83,6 @@ def check_config(config) -> tuple[dict[str, int], dict[str, Any]]:
   return sizes, rules
 
 
-def resolve_model_config(config, vocab_size: int) -> ModelConfig:
-  """model.vocab_size 0 means 'the tokenizer's'; a set one must cover the tokenizer's ids."""
-  fields = dict(config.model)
-  if fields["vocab_size"] and fields["vocab_size"] < vocab_size:
-    raise ValueError(f"model.vocab_size: {fields['vocab_size']} is smaller than the tokenizer's "
-                     f"vocabulary ({vocab_size})")
-  fields["vocab_size"] = fields["vocab_size"] or vocab_size
-  return ModelConfig.from_mapping(fields)
-
-
 def check_workdir(workdir: str, config_dict: dict, model_cfg: ModelConfig, allow_change: bool):
   """Refuses to resume a workdir whose saved model differs, naming every differing field.
 
@@ -104,41 +90,38 @@ def check_workdir(workdir: str, config_dict: dict, model_cfg: ModelConfig, allow
   mla_*_impl, rope_layout, norm_eps, remat): the checkpoint then restores into the new model.
   The change is appended to config_dict['config_changes'] (the history config.json keeps).
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not Workdir.exists(workdir):
     return
-  with open(path) as f:
-    saved = json.load(f)
-  config_dict["config_changes"] = list(saved.get("config_changes", []))
-  old_cfg = ModelConfig.from_mapping(saved["model"])
+  saved = Workdir.open(workdir)
+  if "config_changes" in saved.config:  # the history so far, kept across resumes
+    config_dict["config_changes"] = list(saved.config["config_changes"])
+  old_cfg = saved.model_config
   diff = old_cfg.diff(model_cfg)
   if not diff:
     return
   fields = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, a, b in
                      ((k, *v) for k, v in sorted(diff.items())))
   if not allow_change:
-    raise ValueError(f"{path}: workdir holds a different model ({fields}); use a new --workdir, "
-                     "or set --config.train.allow_config_change=True to fine-tune from it")
-  old_shapes, new_shapes = _param_shapes(old_cfg), _param_shapes(model_cfg)
-  bad = [f"{k}: {old_shapes.get(k)} -> {new_shapes.get(k)}"
-         for k in sorted(set(old_shapes) | set(new_shapes)) if old_shapes.get(k) != new_shapes.get(k)]
+    raise ValueError(f"{saved.config_path}: workdir holds a different model ({fields}); use a new "
+                     "--workdir, or set --config.train.allow_config_change=True to fine-tune "
+                     "from it")
+  bad = [f"{k}: {a} -> {b}" for k, a, b in diff_param_shapes(param_shapes(old_cfg),
+                                                              param_shapes(model_cfg))]
   if bad:
     raise ValueError(
         f"train.allow_config_change: the change ({fields}) changes the shape of {len(bad)} "
         f"parameter arrays ({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}), so the "
-        f"checkpoint in "
-        f"{workdir} cannot be restored into it; only shape-preserving changes can continue a "
-        "workdir: use a new --workdir")
+        f"checkpoint in {workdir} cannot be restored into it; only shape-preserving changes can "
+        "continue a workdir: use a new --workdir")
   log.warning("train.allow_config_change: continuing %s with a changed model (%s)", workdir, fields)
-  config_dict["config_changes"].append(
+  config_dict.setdefault("config_changes", []).append(
       {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
        "model": {k: [a, b] for k, (a, b) in sorted(diff.items())}})
 
 
-def _param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-  """'path/to/param' -> shape for every array of the model's state (no allocation)."""
-  state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[1]
-  return {"/".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
+def epochs(exp: ExperimentConfig, train_tokens: int) -> float:
+  """How many times the run sees its training split."""
+  return exp.train.steps * exp.train.global_batch * exp.data.seq_len / max(train_tokens, 1)
 
 
 # State ------------------------------------------------------------------------------------------
@@ -185,32 +168,44 @@ class _StopFlag:
 
 
 def train(config, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the experiment `config` in `workdir`; returns a summary dict."""
-  t, d, o = config.train, config.data, config.optim
-  sizes, rules = check_config(config)
-  make_optimizer(lr=o.lr, steps=t.steps, warmup_steps=o.warmup_steps, schedule=o.schedule)  # check
-  is_main = jax.process_index() == 0
-  host_memory.tune_malloc()  # XLA:CPU's per-step temp buffer stays in the heap: no page faults
-  os.makedirs(workdir, exist_ok=True)
+  """Trains (or resumes) the experiment `config` in `workdir`; returns a summary dict.
 
-  corpus = data_lib.load_corpus(d.source, d.path, d.tokenizer, d.vocab_size, workdir=workdir,
-                                val_fraction=d.val_fraction, max_bytes=d.max_bytes)
+  config: an ml-collections ConfigDict (or dict) of an experiment file, or an ExperimentConfig.
+  Nothing is created on disk until the config and the data have been checked; a workdir whose
+  run already finished is reported and left unchanged.
+  """
+  exp = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_config(config)
+  t, d, o = exp.train, exp.data, exp.optim
+  sizes, rules = check_config(exp)
+  warmup = o.warmup(t.steps)
+  is_main = jax.process_index() == 0
+
+  tok_dir = os.path.join(workdir, TOKENIZER_DIR)
+  corpus = data_lib.load_corpus(d.resolved_source, d.path, d.tokenizer, d.vocab_size,
+                                tokenizer_dir=tok_dir, val_fraction=d.val_fraction,
+                                max_bytes=d.max_bytes)
   data_lib.check_lengths(corpus, d.seq_len)
-  model_cfg = resolve_model_config(config, corpus.vocab_size)
-  config_dict = json.loads(config.to_json())
+  model_cfg = exp.model_config(corpus.vocab_size)
+  config_dict = exp.to_dict()
   config_dict["model"] = model_cfg.to_dict()
+  config_dict["data"]["source"] = d.resolved_source  # what was read, for eval.py and resumes
   check_workdir(workdir, config_dict, model_cfg, t.allow_config_change)
+
+  # Validated: from here on the workdir is written (config.json only when it changes, so a
+  # finished run re-run is left exactly as it was).
+  os.makedirs(workdir, exist_ok=True)
   if is_main:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      json.dump(config_dict, f, indent=2)
+    if corpus.tokenizer is not None and not os.path.isdir(tok_dir):
+      corpus.tokenizer.save(tok_dir)  # evaluation and sampling need only the workdir
+    if not Workdir.exists(workdir) or Workdir.open(workdir).config != config_dict:
+      Workdir.write_config(workdir, config_dict)
 
   mesh = shd.make_mesh(sizes)
   tx, schedule = make_optimizer(
-      lr=o.lr, steps=t.steps, warmup_steps=o.warmup_steps, schedule=o.schedule,
+      lr=o.lr, steps=t.steps, warmup_steps=warmup, schedule=o.schedule,
       min_lr_ratio=o.min_lr_ratio, decay_fraction=o.decay_fraction, weight_decay=o.weight_decay,
       b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip)
-  graphdef, abstract_params = nnx.split(
-      nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(t.seed))))
+  graphdef, abstract_params = nnx.split(abstract_model(model_cfg))
   param_sh = shd.param_shardings(abstract_params, mesh, rules)
 
   def init() -> TrainState:
@@ -225,7 +220,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   it = pipeline.make_train_iterator(corpus.train, d.seq_len, local_batch, t.seed,
                                     jax.process_index(), jax.process_count(), d.worker_count)
   ckpt = Checkpointer(workdir, keep=t.keep_ckpts)
-  abstract_state = _abstract(init_shapes, state_sh)
+  abstract_state = abstract_with_shardings(init_shapes, state_sh)
   restored = ckpt.restore_latest_good(abstract_state.params, _opt_item(abstract_state), it)
   if restored is None:
     state = jax.jit(init, out_shardings=state_sh)()
@@ -241,6 +236,9 @@ def train(config, workdir: str) -> dict[str, Any]:
       state = state.replace(skipped=jax.device_put(np.int32(0), state_sh.skipped),
                             first_bad_step=jax.device_put(np.int32(-1), state_sh.first_bad_step))
   start = int(state.step)
+  if start >= t.steps:  # the newest readable checkpoint is the last step: nothing to do
+    ckpt.close()
+    return _finished(Workdir.open(workdir), model_cfg, start)
 
   batch_sh = shd.batch_sharding(mesh, rules)
   step_fn = jax.jit(make_train_step(graphdef, tx, t.microbatches),
@@ -258,8 +256,20 @@ def train(config, workdir: str) -> dict[str, Any]:
       f"{model_cfg.attention} | params {n_params['total'] / 1e6:.2f}M "
       f"(non-embedding {n_params['non_embedding'] / 1e6:.2f}M) | mesh {sizes} | "
       f"{'resumed at step ' + str(start) if start else 'from scratch'} | workdir {workdir}")
+  logger.message(
+      f"data {d.resolved_source}{':' + d.path if d.path else ''} | train {len(corpus.train):,} "
+      f"tokens, validation {len(corpus.val):,} | {t.steps} steps x {tokens_per_step:,} tokens | "
+      f"MFU against {peak / 1e9:,.1f} GFLOP/s per device "
+      f"({'train.peak_flops' if t.peak_flops else 'measured matmul peak'})")
+  seen = epochs(exp, len(corpus.train))
+  if seen > MAX_EPOCHS_QUIET:
+    logger.message(
+        f"warning: this run sees the training split {seen:.0f} times ({len(corpus.train):,} "
+        f"tokens for {t.steps * tokens_per_step:,}); expect overfitting: use more data "
+        "(data.path) or fewer train.steps")
 
   stop = _StopFlag()
+  in_flight = collections.deque()
   last_log_time, last_log_step, eval_time = time.perf_counter(), start, 0.0
   last_saved, val = start if restored else -1, None
   step = start
@@ -268,6 +278,13 @@ def train(config, workdir: str) -> dict[str, Any]:
       batch = jax.make_array_from_process_local_data(batch_sh, next(it).astype(np.int32))
       state, metrics = step_fn(state, batch)
       step += 1
+      logger.dispatched(step, metrics["loss"])
+      # Dispatch is asynchronous: without a bound the loop queues dozens of steps ahead of the
+      # device, and a SIGTERM must wait for all of them before the checkpoint. Two in flight
+      # keep the device busy.
+      in_flight.append(metrics["loss"])
+      if len(in_flight) > MAX_IN_FLIGHT:
+        in_flight.popleft().block_until_ready()
       record = {}
       if step % t.log_every == 0 or step == t.steps:
         metrics = jax.device_get(metrics)
@@ -283,13 +300,15 @@ def train(config, workdir: str) -> dict[str, Any]:
         # count as eval time and inflate the next logged tokens/s.
         jax.block_until_ready(state)
         eval_start = time.perf_counter()
-        val = evaluator(state.params, corpus.val, corpus.val_bytes_per_token, t.eval_tokens)
+        max_tokens = t.final_eval_tokens if step == t.steps else t.eval_tokens
+        val = evaluator(state.params, corpus.val, corpus.val_bytes_per_token, max_tokens)
+        whole_split = pipeline.num_windows(len(corpus.val), d.seq_len) * d.seq_len
+        val["val_whole_split"] = val["val_tokens"] >= whole_split
         record.update({k: v for k, v in val.items() if k != "loss_by_position"})
         eval_time += time.perf_counter() - eval_start  # eval time is not training throughput
       if record:
         record["tokens"] = step * tokens_per_step
         logger.log(step, record)
-      logger.advance(step)
       if step % t.ckpt_every == 0 or step == t.steps:
         ckpt.save(step, state.params, _opt_item(state), it, _meta(step, record, tokens_per_step))
         last_saved = step
@@ -307,8 +326,21 @@ def train(config, workdir: str) -> dict[str, Any]:
         f"the final checkpoint (step {step}) could not be saved ({ckpt.failed_saves[step]}); "
         f"the last saved one is {f'step {good[-1]}' if good else 'none'} in {ckpt.directory}; "
         "fix the disk and re-run the same command to resume from it")
-  return {"step": step, "stopped_by": stop.requested, "final": val, "params": n_params,
-          "workdir": workdir, "model": model_cfg}
+  if is_main and step == t.steps:
+    write_run_plot(workdir)
+  return {"step": step, "stopped_by": stop.requested, "final": val if step == t.steps else None,
+          "params": n_params, "workdir": workdir, "model": model_cfg, "already_finished": False}
+
+
+def _finished(wd: Workdir, model_cfg: ModelConfig, step: int) -> dict[str, Any]:
+  """The summary of a run that already reached train.steps: its last evaluation, nothing run."""
+  final = None
+  for record in read_metrics(wd.path):
+    if "val_loss" in record:
+      final = {k: v for k, v in record.items() if k.startswith("val_")}
+  n_params = count_params(abstract_model(model_cfg))
+  return {"step": step, "stopped_by": None, "final": final, "params": n_params,
+          "workdir": wd.path, "model": model_cfg, "already_finished": True}
 
 
 def _meta(step: int, record: dict, tokens_per_step: int) -> dict:
@@ -329,3 +361,28 @@ def _check_finite(state, policy, record, ckpt: Checkpointer, logger):
   if skipped:
     logger.message(f"skipped {skipped} non-finite update(s) so far (first at step "
                    f"{int(state.first_bad_step) + 1})")
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+  """What train.py prints at the end: the result, what was scored, and the next commands."""
+  wd, final = summary["workdir"], summary["final"]
+  if summary["stopped_by"]:
+    return (f"{summary['stopped_by']}: stopped at step {summary['step']} with a checkpoint; "
+            "re-run the same command to resume")
+  lines = []
+  if summary["already_finished"]:
+    lines.append(f"{wd}: this run already finished (step {summary['step']}); nothing was "
+                 "trained or changed")
+  if final:
+    whole = final.get("val_whole_split")
+    scope = ("the whole validation split" if whole else
+             f"a {final['val_tokens']:,}-token prefix of the validation split (train.eval_tokens)")
+    lines.append(f"step {summary['step']}: val_loss {final['val_loss']:.4f}  val_ppl "
+                 f"{final['val_ppl']:.3f}  val_bpb {final['val_bpb']:.4f}  over {scope}: "
+                 f"{final['val_tokens']:,} tokens")
+  lines += ["next:",
+            f"  python3 eval.py --workdir={wd}     # whole-split bpb, KV cache, decode speed",
+            f"  python3 scripts/generate.py --workdir={wd} --prompt='def main('   # sample text"]
+  if os.path.isfile(os.path.join(wd, "curves.png")):
+    lines.append(f"  {os.path.join(wd, 'curves.png')}: loss and bpb curves of this run")
+  return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""What the entry points (train.py, eval.py, scripts/compare.py) share: flag parsing that turns
+every bad flag into one line, and a --help that exits 0 and shows the config's fields.
+
+    app.run(main, flags_parser=parse_flags_or_exit)
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """absl's parser, but --help prints the usage and exits 0, and a bad flag is one line naming it
+  on stderr and exit 1: no traceback (an unknown --config.x key, or an error inside the config
+  file) and no usage hint after it."""
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print(help_text(argv))
+    sys.exit(0)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    message = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown key>
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    text = str(e.args[0] if e.args else e)
+    key = text.splitlines()[0].strip("'\"") if text else "?"
+    bad = [a.split("=", 1)[0] for a in argv[1:]
+           if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
+    message = (f"flag {bad[0] if bad else '--config'}: unknown config field {key!r}"
+               + "".join(f"; {line.strip()}" for line in text.splitlines()[1:] if line.strip()))
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def help_text(argv: list[str]) -> str:
+  """The main module's docstring, its flags with defaults and, for a --config flag, every config
+  field with its value (after --config=FILE[:ARG] if given): what --config.x=y can override."""
+  main = sys.modules["__main__"]
+  parts = [(main.__doc__ or "").strip(), "", "flags:"]
+  for flag in sorted(FLAGS.get_key_flags_for_module(main), key=lambda f: f.name):
+    if flag.name == "config":
+      continue
+    default = "" if flag.default is None else f" (default: {flag.default!r})"
+    parts.append(f"  --{flag.name}: {flag.help}{default}")
+  if "config" in FLAGS:
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")),
+                FLAGS["config"].default_as_str.strip("'\""))
+    parts.append(f"  --config: experiment file[:arg] (default: {FLAGS['config'].default_as_str})")
+    parts += ["", f"config fields of {spec} (override any with --config.GROUP.FIELD=VALUE):"]
+    parts.append(describe_config(spec))
+  return "\n".join(parts)
+
+
+def describe_config(spec: str) -> str:
+  """'  model.d_model = 256' lines for every field of an experiment config, group by group."""
+  from mla_jax.experiment import load_config
+
+  try:
+    config = load_config(spec)
+  except Exception as e:  # noqa: BLE001 - a broken config file still gets the flag list
+    return f"  (could not load {spec}: {type(e).__name__}: {e})"
+  lines = []
+  for group in config:
+    lines.append(f"  {group}:")
+    for field, value in config[group].items():
+      lines.append(f"    {group}.{field} = {value!r}")
+  return "\n".join(lines)

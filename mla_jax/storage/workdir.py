@@ -1,0 +1,240 @@
+"""A training workdir, opened one way everywhere: train, eval, compare, load_model and the drills.
+
+    wd = Workdir.open("runs/mla")        # checks config.json; reads no checkpoint, imports no orbax
+    wd.steps                             # finished checkpoint steps, oldest first
+    wd.model_config                      # the ModelConfig the run trained
+    model = wd.load_model("best")        # shape-checked against config.json, then restored
+    tok = wd.tokenizer()                 # None for a run trained on token files without one
+
+Layout (written by training.trainer):
+    config.json          the resolved experiment config (and `config_changes`, if any)
+    tokenizer/           the tokenizer the corpus was encoded with
+    checkpoints/<step>/  orbax steps: params | opt | data | meta (storage.checkpoint)
+    metrics.jsonl, tb/   training logs
+
+Every problem a user can cause (no such directory, no config.json, no checkpoint, a checkpoint
+that does not match the config) is a `WorkdirError` whose message is one line naming the path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+from flax import nnx
+
+from mla_jax.core.config import ModelConfig
+from mla_jax.core.model import diff_param_shapes, param_shapes
+from mla_jax.experiment import ExperimentConfig
+from mla_jax.storage.checkpoint import Checkpointer, abstract_with_shardings, checkpoint_steps
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+TOKENIZER_DIR = "tokenizer"
+METRICS_FILE = "metrics.jsonl"
+
+
+class WorkdirError(ValueError):
+  """A user-facing problem with a workdir: the message is one line naming the path."""
+
+
+class Workdir:
+  """An existing workdir: open it with `Workdir.open(path)`."""
+
+  def __init__(self, path: str, config: dict[str, Any]):
+    self.path = path
+    self.config = config  # config.json as saved (plain dicts)
+
+  # Opening --------------------------------------------------------------------------------------
+
+  @classmethod
+  def open(cls, path: str) -> "Workdir":
+    """Checks the directory and its config.json (cheap: no checkpoint is read)."""
+    if not path:
+      raise WorkdirError("--workdir is required (a directory train.py wrote)")
+    if not os.path.isdir(path):
+      raise WorkdirError(f"{path}: no such directory")
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+      raise WorkdirError(f"{path}: no {CONFIG_FILE}; is this a training workdir "
+                         "(train.py --workdir)?")
+    try:
+      with open(config_path) as f:
+        config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise WorkdirError(f"{config_path}: not valid JSON ({e})") from None
+    for key in ("model", "data", "train"):
+      if key not in config:
+        raise WorkdirError(f"{config_path}: no {key!r} section; is this a training workdir?")
+    return cls(path, config)
+
+  @staticmethod
+  def exists(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+  @staticmethod
+  def write_config(path: str, config: dict[str, Any]) -> None:
+    """Writes config.json atomically (a crash mid-write never leaves half a file)."""
+    tmp = os.path.join(path, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(config, f, indent=2)
+    os.replace(tmp, os.path.join(path, CONFIG_FILE))
+
+  # What it holds --------------------------------------------------------------------------------
+
+  @property
+  def config_path(self) -> str:
+    return os.path.join(self.path, CONFIG_FILE)
+
+  @property
+  def checkpoint_dir(self) -> str:
+    return os.path.join(self.path, CHECKPOINT_DIR)
+
+  @property
+  def tokenizer_dir(self) -> str:
+    return os.path.join(self.path, TOKENIZER_DIR)
+
+  @property
+  def model_config(self) -> ModelConfig:
+    try:
+      return ModelConfig.from_mapping(self.config["model"])
+    except (ValueError, TypeError) as e:
+      raise WorkdirError(f"{self.config_path}: {e}") from None
+
+  @property
+  def experiment(self) -> ExperimentConfig:
+    try:
+      return ExperimentConfig.from_config(self.config)
+    except (ValueError, TypeError) as e:
+      raise WorkdirError(f"{self.config_path}: {e}") from None
+
+  @property
+  def steps(self) -> list[int]:
+    return checkpoint_steps(self.checkpoint_dir)
+
+  @property
+  def finished(self) -> bool:
+    """True when the newest checkpoint is the run's last step."""
+    steps = self.steps
+    return bool(steps) and steps[-1] >= self.config["train"]["steps"]
+
+  def tokenizer(self):
+    """The workdir's tokenizer, or None when it has none (trained on token ids)."""
+    from mla_jax.data import tokenizer as tok_lib
+
+    if not os.path.isfile(os.path.join(self.tokenizer_dir, tok_lib.META_FILE)):
+      return None
+    return tok_lib.load_tokenizer(self.tokenizer_dir)
+
+  def resolve_step(self, which: str | int = "latest") -> int:
+    """'latest', 'best' (lowest validation loss) or a step number -> a checkpoint step."""
+    steps = self.steps
+    if not steps:
+      raise WorkdirError(f"{self.path}: no checkpoint under {self.checkpoint_dir}; train first "
+                         "(python train.py --workdir=...)")
+    which = str(which)
+    if which == "latest":
+      return steps[-1]
+    if which == "best":
+      with self._checkpointer() as ckpt:
+        best = ckpt.best_step()
+      if best is None:
+        raise WorkdirError(f"which=best: no checkpoint in {self.path} has a validation loss")
+      return best
+    if not which.isdigit() or int(which) not in steps:
+      raise WorkdirError(f"which: {which!r} is not latest, best or one of the steps {steps}")
+    return int(which)
+
+  def meta(self, step: int) -> dict[str, Any]:
+    """The step's meta item (step, tokens, val_loss); {} if unreadable (it is informative)."""
+    with self._checkpointer() as ckpt:
+      try:
+        return ckpt.meta(step)
+      except Exception:  # noqa: BLE001 - any orbax / json error: meta is informative only
+        return {}
+
+  def _checkpointer(self) -> Checkpointer:
+    """A synchronous Checkpointer on this workdir (use as a context manager: it closes)."""
+    return Checkpointer(self.path, async_save=False)
+
+  # The model ------------------------------------------------------------------------------------
+
+  def check_checkpoint(self, step: int) -> None:
+    """Compares the checkpoint's stored parameter shapes with config.json's model before any
+    restore: orbax's own error for a mismatch is a page of TensorStore specs."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(os.path.abspath(self.checkpoint_dir), str(step), "params")
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # orbax warns about a metadata file it does not need
+    try:
+      meta = ocp.StandardCheckpointer().metadata(path)
+      stored = _flat_shapes(getattr(meta, "item_metadata", meta))
+    except Exception:  # unreadable metadata: the restore reports what is wrong
+      return
+    finally:
+      absl_log.setLevel(level)
+    diff = diff_param_shapes(param_shapes(self.model_config), stored)
+    if diff:
+      name, expected, found = diff[0]
+      what = (f"config.json's model has {name} {expected}, the checkpoint does not" if not found
+              else f"the checkpoint has {name} {found}, config.json's model does not"
+              if not expected else
+              f"{name} is {found} in the checkpoint, {expected} from config.json")
+      raise WorkdirError(f"{self.checkpoint_dir}/{step}: checkpoint does not match config.json's "
+                         f"model: {what}")
+
+  def load_model(self, which: str | int = "latest", mesh=None, rules=None) -> nnx.Module:
+    """The trained Transformer of checkpoint `which`.
+
+    Without a mesh it lives on the default device; with one, every parameter is restored
+    straight into its sharding from core.sharding's table (no full copy on one device).
+    """
+    from mla_jax.core import sharding as shd
+    from mla_jax.core.model import abstract_model
+
+    step = self.resolve_step(which)
+    cfg = self.model_config
+    self.check_checkpoint(step)
+    graphdef, params = nnx.split(abstract_model(cfg))
+    if mesh is None:
+      single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: single, params)
+    else:
+      shardings = shd.param_shardings(params, mesh, rules or shd.DEFAULT_RULES)
+    with self._checkpointer() as ckpt:
+      try:
+        restored, _, _ = ckpt.restore(step, abstract_with_shardings(params, shardings))
+      except Exception as e:  # orbax / tensorstore errors on a checkpoint the config can't describe
+        raise WorkdirError(f"{self.checkpoint_dir}/{step}: checkpoint does not match config.json's "
+                           f"model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return nnx.merge(graphdef, restored)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  """orbax metadata tree -> {'blocks.0.attn.wq': shape}, the names param_shapes uses."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    if keys and keys[-1] == "value":
+      keys = keys[:-1]
+    out[".".join(keys)] = tuple(leaf.shape)
+  return out
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """workdir/metrics.jsonl as a list of records ({} for a run that has logged nothing)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def load_model(workdir: str, which: str | int = "latest", mesh=None) -> nnx.Module:
+  """Rebuilds a trained Transformer from its workdir alone: 'latest', 'best' or a step number."""
+  return Workdir.open(workdir).load_model(which, mesh)

@@ -1,0 +1,50 @@
+r"""Sample text from a trained workdir.
+
+  python3 scripts/generate.py --workdir=runs/default --prompt='def main(' [--max_new_tokens=200]
+      [--temperature=0.8] [--top_k=40] [--top_p=1.0] [--seed=0] [--which=latest|best|STEP]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
+flags.DEFINE_string("prompt", "\n", "Text to continue.")
+flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
+flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("which", "latest", "Checkpoint: latest, best or a step number.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from mla_jax import Workdir, generate
+  from mla_jax.storage.checkpoint import quiet_orbax_logs
+  from mla_jax.storage.workdir import WorkdirError
+
+  quiet_orbax_logs()
+  try:
+    wd = Workdir.open(FLAGS.workdir)
+    tok = wd.tokenizer()
+    if tok is None:
+      raise WorkdirError(f"{wd.path}: no tokenizer/ to encode a text prompt (trained on ids)")
+    model = wd.load_model(FLAGS.which)
+    prompt = tok.encode(FLAGS.prompt).tolist()
+    new = min(FLAGS.max_new_tokens, model.cfg.max_seq_len - len(prompt))
+    out = generate(model, [prompt], new, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                   top_p=FLAGS.top_p, seed=FLAGS.seed)[0]
+  except (WorkdirError, ValueError) as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    sys.exit(1)
+  print(FLAGS.prompt + tok.decode(out))
+
+
+if __name__ == "__main__":
+  from mla_jax.cli import parse_flags_or_exit
+
+  app.run(main, flags_parser=parse_flags_or_exit)
