@@ -5,8 +5,11 @@ tokens attend over two key blocks, the cache AS PASSED IN (S slots, before this 
 the new tokens themselves, with one softmax over both; the new tokens are then written into the
 returned cache (slots `lengths[b] + t`). Attention never reads the written buffer, so the write
 only feeds the returned cache and can update a donated input in place (reading the written buffer
-made XLA:CPU copy the whole cache several times per step: scripts/bench_decode.py); cache.after
+made XLA:CPU copy the whole cache several times per step: scripts/bench_decode.py); `write_after`
 orders the write after the reads. Scores and softmax are float32 whatever the compute dtype.
+
+Einsum letters: B batch, T query length, S key / cache length, D width, H heads, G kv heads, M heads
+per kv head, K head dim, N nope dim, R rope dim, E value dim, C latent.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax.core import cache as cache_lib
+from mla_jax.core.cache import schedule_after
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.layers import RMSNorm, apply_rope, dense, param, rope_angles
 
@@ -54,6 +58,13 @@ def causal_attention(t: int, block: int, scores, attend) -> jax.Array:
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
+def write_after(buffer: jax.Array, new: jax.Array, lengths: jax.Array, out: jax.Array):
+  """buffer [B, S, ...] with new [B, T, ...] written at slots lengths[b] + t, once the layer's
+  output out [B, T, D] exists. out needs every read of the old buffer, so the write comes after
+  them and XLA updates a donated buffer in place instead of copying it (cache.schedule_after)."""
+  return cache_lib.write(buffer, schedule_after(new, out), lengths)
+
+
 class GQAttention(nnx.Module):
   """H query heads share G key/value heads: G = H is MHA, G = 1 is MQA."""
 
@@ -68,6 +79,7 @@ class GQAttention(nnx.Module):
                     dt)
 
   def __call__(self, x, positions, cache: cache_lib.KVCache | None = None, lengths=None):
+    """x [B, T, D], positions [B, T] -> (out [B, T, D], cache); cache as in MLAttention."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     c = lambda p: p[...].astype(dt)
     q = dense(x, c(self.wq))  # [B, T, H, K]
@@ -84,20 +96,105 @@ class GQAttention(nnx.Module):
     # Operand order matters on XLA:CPU: with probs first, this decode-shaped dot (contracting the
     # long S axis) runs ~2-7x slower than with the cache first (scripts/bench_decode.py).
     attend = lambda values, probs: jnp.einsum("BSGK,BGMTS->BTGMK", values, probs.astype(dt))
+    out_proj = lambda o: dense(o.reshape(b, t, h, kd), c(self.wo), n_in=2)
     if cache is None:
       o = causal_attention(t, cfg.attn_block, lambda rows, end: scores(k[:, :end], rows),
                            lambda end, probs: attend(v[:, :end], probs))
-    else:
-      k, v = cache_lib.as_stored(k, cache.k), cache_lib.as_stored(v, cache.v)
-      # With G > 1 the dots first relayout the cache to [B, G, S, K] (a full copy): tie each copy
-      # to what it waits for, keys to k and values to the probs (see cache_lib.after).
-      tie = cache_lib.after if g > 1 else lambda x, dep: x
-      p_old, p_new = causal_probs(scores(k), scores(tie(cache.k.astype(dt), k)), lengths)
-      o = attend(tie(cache.v.astype(dt), p_old), p_old) + attend(v, p_new)
-      # The write only feeds the returned cache and waits for o: in place in a donated buffer.
-      write = lambda buf, new: cache_lib.write(buf, cache_lib.after(new, o), lengths)
-      cache = cache_lib.KVCache(k=write(cache.k, k), v=write(cache.v, v))
-    return dense(o.reshape(b, t, h, kd), c(self.wo), n_in=2), cache
+      return out_proj(o), None
+    k, v = cache_lib.as_stored(k, cache.k), cache_lib.as_stored(v, cache.v)
+    # With G > 1 the dots first relayout the cache to [B, G, S, K] (a full copy): tie each copy to
+    # what it waits for, keys to k and values to the probs (see cache.schedule_after).
+    tie = schedule_after if g > 1 else lambda x, dep: x
+    p_old, p_new = causal_probs(scores(k), scores(tie(cache.k.astype(dt), k)), lengths)
+    out = out_proj(attend(tie(cache.v.astype(dt), p_old), p_old) + attend(v, p_new))
+    return out, cache_lib.KVCache(k=write_after(cache.k, k, lengths, out),
+                                  v=write_after(cache.v, v, lengths, out))
+
+
+# Multi-head Latent Attention ----------------------------------------------------------------------
+# The projections are one method (MLAttention._project); attention itself is one of two functions
+# with the same arguments and result: mla_naive (the paper's equations) and mla_absorbed (the
+# matrix-absorbed form for decode). Both take the new tokens' queries q_nope [B, T, H, N], q_rope
+# [B, T, H, R], latents c [B, T, C] and rope key k_rope [B, T, R], and wkv_b [C, H, N + E] (per
+# head W_UK, then W_UV), and return o [B, T, H, E] (before wo). Without `past` the T tokens attend
+# causally to themselves, `block` queries at a time (causal_attention); with past = (c [B, S, C],
+# k_rope [B, S, R]), the cache before this call with lengths [B] slots filled, they attend over
+# [past; new tokens] with one softmax (causal_probs).
+
+
+def _rope_scores(q_rope: jax.Array, k_rope: jax.Array) -> jax.Array:
+  """q_R . k_R of queries [B, T, H, R] against the ONE rope key per slot [B, S, R] -> [B, H, T, S]
+  float32: the same in both paths."""
+  return jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
+
+
+def mla_naive(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=None):
+  """MLA as DeepSeek-V2 section 2.1 writes it: per-head keys and values rebuilt from the latents.
+
+    k_C[j, h] = W_UK,h c_j      v[j, h] = W_UV,h c_j
+    s[h, t, j] = (q_N[t, h] . k_C[j, h] + q_R[t, h] . k_R[j]) * (N + R)^-1/2
+    o[t, h] = sum_j softmax_j(s[h, t]) v[j, h]                                    -> [B, T, H, E]
+
+  Rebuilds H * (N + E) numbers per slot: for training and prefill, where T ~ S; 20x slower than
+  mla_absorbed at 16k decode (scripts/bench_decode.py).
+  """
+  n, dt = q_nope.shape[-1], wkv_b.dtype
+  w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
+  scale = (n + q_rope.shape[-1]) ** -0.5
+
+  def scores(k_c, k_r, rows=slice(None)):  # [B, S, H, N], [B, S, R] -> [B, H, T, S]
+    nope = jnp.einsum("BTHN,BSHN->BHTS", q_nope[:, rows], k_c, preferred_element_type=jnp.float32)
+    return (nope + _rope_scores(q_rope[:, rows], k_r)) * scale
+
+  attend = lambda v, probs: jnp.einsum("BHTS,BSHE->BTHE", probs.astype(dt), v)  # -> [B, T, H, E]
+  if past is None:
+    k_c, v = dense(c, w_uk), dense(c, w_uv)  # [B, T, H, N], [B, T, H, E]
+    return causal_attention(q_nope.shape[1], block,
+                            lambda rows, end: scores(k_c[:, :end], k_rope[:, :end], rows),
+                            lambda end, probs: attend(v[:, :end], probs))
+  c_old, k_rope_old = past
+  # Decompressing the cache makes full [B, S, H, *] copies: tie each to what it waits for, keys to
+  # the new latents and values to the probs (see cache.schedule_after), as GQA ties its relayouts.
+  p_old, p_new = causal_probs(scores(dense(c, w_uk), k_rope),
+                              scores(dense(schedule_after(c_old, c), w_uk), k_rope_old), lengths)
+  return attend(dense(schedule_after(c_old, p_old), w_uv), p_old) + attend(dense(c, w_uv), p_new)
+
+
+def mla_absorbed(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=None):
+  """The same attention with W_UK folded into the query and W_UV applied after attending, so it
+  runs over the C-wide latents directly, like MQA with one shared key [c; k_R] and value c:
+
+    q~[t, h] = W_UK,h^T q_N[t, h]                                           [B, T, H, C]
+    s[h, t, j] = (q~[t, h] . c_j + q_R[t, h] . k_R[j]) * (N + R)^-1/2
+    o~[t, h] = sum_j softmax_j(s[h, t]) c_j                                 [B, T, H, C]
+    o[t, h] = W_UV,h o~[t, h]                                               [B, T, H, E]
+
+  Equal to mla_naive: q_N . (W_UK c) = (W_UK^T q_N) . c and sum_j p_j W_UV c_j = W_UV sum_j p_j c_j.
+  Reads C + R numbers per slot and nothing per head: the decode path.
+  """
+  n, dt = q_nope.shape[-1], wkv_b.dtype
+  w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
+  scale = (n + q_rope.shape[-1]) ** -0.5
+  q_c = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
+
+  def scores(c_, k_r, rows=slice(None)):  # [B, S, C], [B, S, R] -> [B, H, T, S]
+    nope = jnp.einsum("BTHC,BSC->BHTS", q_c[:, rows], c_, preferred_element_type=jnp.float32)
+    return (nope + _rope_scores(q_rope[:, rows], k_r)) * scale
+
+  # Cache operand first: ~3.5x faster on XLA:CPU than "BHTS,BSC->BTHC" (see GQAttention).
+  attend = lambda c_, probs: jnp.einsum("BSC,BHTS->BTHC", c_, probs.astype(dt))  # -> [B, T, H, C]
+  if past is None:
+    o = causal_attention(q_nope.shape[1], block,
+                         lambda rows, end: scores(c[:, :end], k_rope[:, :end], rows),
+                         lambda end, probs: attend(c[:, :end], probs))
+  else:
+    c_old, k_rope_old = past
+    p_old, p_new = causal_probs(scores(c, k_rope), scores(c_old, k_rope_old), lengths)
+    o = attend(c_old, p_old) + attend(c, p_new)
+  return jnp.einsum("BTHC,CHE->BTHE", o, w_uv)  # W_UV once, after both key blocks
+
+
+MLA_PATHS = {"naive": mla_naive, "absorbed": mla_absorbed}
 
 
 class MLAttention(nnx.Module):
@@ -125,72 +222,44 @@ class MLAttention(nnx.Module):
     self.wo = param(rngs, (h, e, d), ("heads", "head_dim", "embed"), std / (2 * cfg.n_layers) ** .5,
                     dt)
 
-  def __call__(self, x, positions, cache: cache_lib.LatentCache | None = None, lengths=None,
-               impl: str | None = None):
-    """impl overrides the config's path choice ('naive' | 'absorbed'); both give the same output."""
+  def _project(self, x, positions):
+    """x [B, T, D], positions [B, T] -> q_nope [B, T, H, N], q_rope [B, T, H, R] (rotated),
+    latent [B, T, C] (normalised), k_rope [B, T, R] (rotated; one rope key for all heads)."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    n, r = cfg.nope_dim, cfg.qk_rope_head_dim
     w = lambda p: p[...].astype(dt)
-    if cfg.q_lora_rank:
+    if cfg.q_lora_rank:  # low-rank query: q = RMSNorm(x W_DQ) W_UQ
       q = dense(self.q_norm(dense(x, w(self.wq_a))), w(self.wq_b))  # [B, T, H, N + R]
     else:
       q = dense(x, w(self.wq))
-    q_nope, q_rope = q[..., :n], q[..., n:]
-    kv = dense(x, w(self.wkv_a))
-    latent, k_rope = self.kv_norm(kv[..., :cfg.kv_lora_rank]), kv[..., cfg.kv_lora_rank:]
-    cos, sin = rope_angles(positions, r, cfg.rope_theta)
-    q_rope = apply_rope(q_rope, cos, sin, cfg.rope_layout)
-    k_rope = apply_rope(k_rope, cos, sin, cfg.rope_layout)
+    kv = dense(x, w(self.wkv_a))  # [B, T, C + R]
+    cos, sin = rope_angles(positions, cfg.qk_rope_head_dim, cfg.rope_theta)
+    rope = lambda a: apply_rope(a, cos, sin, cfg.rope_layout)
+    n, c = cfg.nope_dim, cfg.kv_lora_rank
+    return q[..., :n], rope(q[..., n:]), self.kv_norm(kv[..., :c]), rope(kv[..., c:])
+
+  def __call__(self, x, positions, cache: cache_lib.LatentCache | None = None, lengths=None,
+               impl: str | None = None):
+    """x [B, T, D], positions [B, T] -> (out [B, T, D], cache).
+
+    cache: this layer's LatentCache (S slots, lengths [B] of them filled) or None. The new tokens
+    attend over the filled slots and themselves, then are written at slots lengths[b] + t of the
+    returned cache. impl ('naive' | 'absorbed') overrides the config's choice, mla_decode_impl for
+    one-token steps with a cache and mla_prefill_impl otherwise; both give the same output.
+    """
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    q_nope, q_rope, latent, k_rope = self._project(x, positions)
     if impl is None:
       one_token = cache is not None and x.shape[1] == 1
       impl = cfg.mla_decode_impl if one_token else cfg.mla_prefill_impl
-    w_uk, w_uv = w(self.wkv_b)[..., :n], w(self.wkv_b)[..., n:]
-    scale = (n + r) ** -0.5
-    f32 = jnp.float32
-    rope_scores = lambda k_r, rows: jnp.einsum("BTHR,BSR->BHTS", q_rope[:, rows], k_r,
-                                               preferred_element_type=f32)
-    # keys_of(c, k_rope) and values_of(c) give what scores and attend read for latents c [B, S, C].
-    if impl == "naive":
-      # Rebuild per-head keys and values from every latent: H*(N+E) numbers per slot.
-      keys_of = lambda c_, k_r: (dense(c_, w_uk), k_r)  # [B, S, H, N], [B, S, R]
-      values_of = lambda c_: dense(c_, w_uv)  # [B, S, H, E]
-
-      def scores(keys, rows=slice(None)):  # -> [B, H, T, S]
-        nope = jnp.einsum("BTHN,BSHN->BHTS", q_nope[:, rows], keys[0], preferred_element_type=f32)
-        return (nope + rope_scores(keys[1], rows)) * scale
-
-      def attend(values, probs):  # -> [B, T, H, E]
-        return jnp.einsum("BHTS,BSHE->BTHE", probs.astype(dt), values)
-    else:
-      # Absorbed: fold W_UK into the query and apply W_UV after attending, so attention runs over
-      # the C-wide latents directly, like MQA with one shared key [c; k_rope] and value c.
-      q_latent = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
-      keys_of, values_of = lambda c_, k_r: (c_, k_r), lambda c_: c_
-
-      def scores(keys, rows=slice(None)):
-        nope = jnp.einsum("BTHC,BSC->BHTS", q_latent[:, rows], keys[0], preferred_element_type=f32)
-        return (nope + rope_scores(keys[1], rows)) * scale
-
-      def attend(values, probs):  # -> [B, T, H, C]; W_UV is applied once, after both blocks
-        # Cache operand first: ~3.5x faster on XLA:CPU than "BHTS,BSC->BTHC" (see GQAttention).
-        return jnp.einsum("BSC,BHTS->BTHC", values, probs.astype(dt))
+    attention = MLA_PATHS[impl]
+    wkv_b, wo = self.wkv_b[...].astype(dt), self.wo[...].astype(dt)
     if cache is None:
-      keys, values = keys_of(latent, k_rope), values_of(latent)
-      o = causal_attention(x.shape[1], cfg.attn_block,
-                           lambda rows, end: scores(tuple(a[:, :end] for a in keys), rows),
-                           lambda end, probs: attend(values[:, :end], probs))
-    else:
-      latent = cache_lib.as_stored(latent, cache.c)
-      k_rope = cache_lib.as_stored(k_rope, cache.k_rope)
-      old_c = cache.c.astype(dt)
-      # Naive decompresses the whole cache: tie those copies as GQAttention ties its relayouts.
-      tie = cache_lib.after if impl == "naive" else lambda x, dep: x
-      p_old, p_new = causal_probs(scores(keys_of(latent, k_rope)),
-                                  scores(keys_of(tie(old_c, latent), cache.k_rope.astype(dt))),
-                                  lengths)
-      o = attend(values_of(tie(old_c, p_old)), p_old) + attend(values_of(latent), p_new)
-      write = lambda buf, new: cache_lib.write(buf, cache_lib.after(new, o), lengths)
-      cache = cache_lib.LatentCache(c=write(cache.c, latent), k_rope=write(cache.k_rope, k_rope))
-    if impl != "naive":
-      o = jnp.einsum("BTHC,CHE->BTHE", o, w_uv)
-    return dense(o, w(self.wo), n_in=2), cache
+      o = attention(q_nope, q_rope, latent, k_rope, wkv_b, block=cfg.attn_block)
+      return dense(o, wo, n_in=2), None
+    latent = cache_lib.as_stored(latent, cache.c)
+    k_rope = cache_lib.as_stored(k_rope, cache.k_rope)
+    past = (cache.c.astype(dt), cache.k_rope.astype(dt))
+    o = attention(q_nope, q_rope, latent, k_rope, wkv_b, past=past, lengths=lengths)
+    out = dense(o, wo, n_in=2)
+    return out, cache_lib.LatentCache(c=write_after(cache.c, latent, lengths, out),
+                                      k_rope=write_after(cache.k_rope, k_rope, lengths, out))

@@ -1,4 +1,4 @@
-"""Decode caches as explicit pytrees: passed into the model and returned updated, never hidden state.
+"""Decode caches as explicit pytrees: passed into the model and returned updated, not hidden state.
 
 Slot s of a cache holds the token at position s of its sequence; `lengths[b]` counts the tokens of
 sequence b written so far, so the next tokens go to slots lengths[b], lengths[b] + 1, ... Slots past
@@ -78,15 +78,18 @@ def write(buffer: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.Array:
   return jax.vmap(update)(buffer, new.astype(buffer.dtype), lengths)
 
 
-def after(x: jax.Array, dep: jax.Array) -> jax.Array:
-  """x unchanged, but computed from dep [B, ...] too, so XLA cannot run x's users before dep.
+def schedule_after(x: jax.Array, dep: jax.Array) -> jax.Array:
+  """An XLA:CPU scheduling tie: x unchanged, but computed from dep [B, ...] too, so XLA cannot run
+  x's users before dep. Exact: selects x whatever dep holds (NaN included).
 
   XLA schedules by data dependencies only (optimization_barrier does not survive on XLA:CPU).
-  attention.py uses this (1) to write the new tokens only after attention has read the old cache:
-  otherwise XLA cannot prove the reads come first and copies the donated buffer (twice, on
-  XLA:CPU) instead of updating it in place; and (2) to keep full copies made from the cache
-  (GQA's [B, G, S, K] relayout, naive MLA's decompression) in layer order: otherwise XLA:CPU runs
-  every layer's copies at the start of the step, all live at once. Exact: selects x for any dep.
+  attention.py ties only where scripts/bench_decode.py measured it to help:
+  (1) the cache write after attention's reads of the old cache (`write_after`): otherwise XLA
+      cannot prove the reads come first and copies the donated buffer (twice, on XLA:CPU) instead
+      of updating it in place (MQA batch 1 at 16k ~7 -> 3.5 ms/step, batch 8 2-5x faster);
+  (2) the full copies made from the cache, GQA's [B, G, S, K] relayout and naive MLA's
+      decompression, each to what it waits for: otherwise XLA:CPU runs every layer's copies at
+      the start of the step, all live at once (GQA batch 1 2.5x slower).
   """
   ready = ~(dep.reshape(dep.shape[0], -1)[:, 0] > jnp.inf)  # always True (NaN too); XLA can't tell
   return jnp.where(ready.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
