@@ -1,6 +1,16 @@
-"""Decode speed of MHA / GQA / MQA / MLA (naive and absorbed) at equal model width.
+"""Decode speed of MHA / GQA / MQA / MLA (naive, absorbed, pallas) at equal model width.
 
     python scripts/bench_decode.py --json=out/bench_decode.json [--quick]
+    # on a GPU (docs/kernels.md): every path, batch 1 / 8 / 64, contexts 1k-32k
+    python scripts/bench_decode.py --json=out/bench_decode_gpu.json --batches=1,8,64 \
+        --contexts=1k,4k,16k,32k --impls=all
+
+--impls picks the rows (mha, gqa, mqa, mla-naive, mla-absorbed, mla-pallas; 'all'); the default
+is all of them except mla-pallas on a CPU, where the kernel only runs in Pallas interpret mode
+(correct, but its time says nothing about the compiled kernel). Each record also gives the cache
+bytes read per step, the achieved bandwidth (bytes read / step time) and its fraction of the
+device's peak memory bandwidth (--peak_gbps, default from PEAK_GBPS by device kind; unknown on a
+CPU: no fraction).
 
 Models (all float32, vocab 256, d_model 512, 8 query heads, head dim 64, 2 layers, d_ff 1408):
   mha   8 kv heads                        KV cache 2 * 8 * 64 = 1024 elements / token / layer
@@ -8,8 +18,15 @@ Models (all float32, vocab 256, d_model 512, 8 query heads, head dim 64, 2 layer
   mqa   1 kv head                         2 * 1 * 64           =  128
   mla   kv_lora_rank C = 256, rope R = 32, nope N = 64, v E = 64, q_lora_rank 0:
         C + R = 288 = 4.5 * head dim, DeepSeek-V2/V3's ratio (d_c = 4 d_h, d_R = d_h / 2; the
-        paper's "GQA with 2.25 groups"). mla-naive and mla-absorbed are the same config except
-        for `mla_decode_impl`.
+        paper's "GQA with 2.25 groups"). mla-naive, mla-absorbed and mla-pallas are the same
+        config except for `mla_decode_impl`.
+
+Cache bytes read per step (`bytes_read_per_slot`, per layer, sequence and slot, times `context`
+slots: the timed steps decode the buffer's last positions): MHA / GQA / MQA 2 G K (keys and values
+once); mla-absorbed and mla-naive 2 C + R (two einsums / two decompressions each read the latent,
+the rope key once); mla-pallas C + R per head block of the kernel (one here: 8 heads fit one
+block). The weights (`param_bytes`, ~26 MB, read once per step whatever the batch) are not
+counted: they dominate batch 1 at short contexts, and are ~10% of MQA's bytes at batch 64, 4k.
 
 What is timed: the jitted `generate.decode_step_jit` (one token per sequence, cache donated), on a
 cache buffer of exactly `context` slots filled with random values (no real prefill: the contents
@@ -77,6 +94,7 @@ from mla_jax.core import cache as cache_lib  # noqa: E402
 from mla_jax.core.config import ModelConfig, kv_cache_bytes_per_token  # noqa: E402
 from mla_jax.core.generate import decode_step_jit  # noqa: E402
 from mla_jax.core.model import Transformer  # noqa: E402
+from mla_jax.kernels import mla_decode  # noqa: E402
 
 BASE = dict(vocab_size=256, d_model=512, n_heads=8, head_dim=64, n_layers=2, d_ff=1408,
             init_std=0.02, dtype="float32", param_dtype="float32")
@@ -89,7 +107,35 @@ VARIANTS = [
     ("mqa", "kv", dict(attention="mqa")),
     ("mla", "naive", dict(MLA, mla_decode_impl="naive")),
     ("mla", "absorbed", dict(MLA, mla_decode_impl="absorbed")),
+    ("mla", "pallas", dict(MLA, mla_decode_impl="pallas")),
 ]
+# Peak memory bandwidth in GB/s (vendor figures) by a substring of jax's device_kind; first match.
+PEAK_GBPS = [("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
+             ("A100 80GB", 1935.0), ("A100", 1555.0), ("L40S", 864.0)]
+
+
+def row_name(variant: str, path: str) -> str:
+  return variant if path == "kv" else f"{variant}-{path}"
+
+
+def parse_contexts(text: str) -> list[int]:
+  """'1k,4k,32k' or '1024,4096' -> [1024, 4096, 32768]."""
+  return [int(c[:-1]) * 1024 if c.lower().endswith("k") else int(c) for c in text.split(",")]
+
+
+def peak_gbps(device_kind: str) -> float | None:
+  return next((gbps for key, gbps in PEAK_GBPS if key.lower() in device_kind.lower()), None)
+
+
+def bytes_read_per_slot(cfg: ModelConfig, path: str) -> int:
+  """Cache bytes one decode step reads per filled slot, per layer and sequence (see the doc)."""
+  item = jnp.dtype(cfg.kv_cache_dtype).itemsize
+  if cfg.attention != "mla":
+    return 2 * cfg.kv_heads * cfg.qk_head_dim * item
+  c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+  if path == "pallas":
+    return (c + r) * -(-cfg.n_heads // mla_decode.default_block_h(cfg.n_heads)) * item
+  return (2 * c + r) * item
 
 
 def make_config(overrides: dict, max_seq_len: int) -> ModelConfig:
@@ -130,7 +176,8 @@ def time_decode(graphdef, state, cfg: ModelConfig, context: int, batch: int, ste
   return times
 
 
-def markdown_table(records: list[dict]) -> str:
+def markdown_table(records: list[dict], cell=lambda r: f"{r['ms_per_token']:.2f}") -> str:
+  """One row per variant / path present, one column per (batch, context); cell(record) -> text."""
   contexts = sorted({r["context"] for r in records})
   batches = sorted({r["batch"] for r in records})
   cols = [(b, c) for b in batches for c in contexts]
@@ -139,27 +186,56 @@ def markdown_table(records: list[dict]) -> str:
   lines = [head, "|" + "---|" * (3 + len(cols))]
   by_key = {(r["variant"], r["path"], r["batch"], r["context"]): r for r in records}
   for variant, path, _ in VARIANTS:
+    mine = [r for r in records if (r["variant"], r["path"]) == (variant, path)]
+    if not mine:
+      continue
     cells = []
     for b, c in cols:
       r = by_key.get((variant, path, b, c))
-      cells.append("-" if r is None else f"{r['ms_per_token']:.2f}")
-    bytes_ = next(r["kv_bytes_per_token"] for r in records if r["variant"] == variant)
+      cells.append("-" if r is None else cell(r))
+    bytes_ = mine[0]["kv_bytes_per_token"]
     lines.append(f"| {variant} | {path} | {bytes_} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def target_ratios(records: list[dict]) -> list[dict]:
-  """At the longest context, per batch: naive / absorbed time and absorbed / MQA time."""
+  """At the longest context, per batch: naive / absorbed time and absorbed / MQA time (rows
+  missing from the run are skipped)."""
   longest = max(r["context"] for r in records)
   ms = {(r["variant"], r["path"], r["batch"]): r["ms_per_token"] for r in records
         if r["context"] == longest}
   out = []
   for batch in sorted({r["batch"] for r in records}):
-    speedup = ms[("mla", "naive", batch)] / ms[("mla", "absorbed", batch)]
-    vs_mqa = ms[("mla", "absorbed", batch)] / ms[("mqa", "kv", batch)]
+    naive, absorbed = ms.get(("mla", "naive", batch)), ms.get(("mla", "absorbed", batch))
+    mqa = ms.get(("mqa", "kv", batch))
+    if not (naive and absorbed and mqa):
+      continue
+    speedup, vs_mqa = naive / absorbed, absorbed / mqa
     out.append(dict(context=longest, batch=batch, absorbed_speedup_over_naive=speedup,
                     absorbed_over_mqa=vs_mqa, speedup_target_met=speedup >= 3.0,
                     mqa_ratio_target_met=vs_mqa <= 2.0))
+  return out
+
+
+def kernel_targets(records: list[dict]) -> list[dict]:
+  """The fused kernel's targets (docs/kernels.md), per MLA path and batch >= 64, context >= 4k:
+  achieved bandwidth >= 70% of peak, and (MLA time / MQA time) / bytes ratio (C + R) / 2K <= 1.1."""
+  mqa = {(r["batch"], r["context"]): r for r in records if r["variant"] == "mqa"}
+  out = []
+  for r in records:
+    if r["variant"] != "mla" or r["path"] == "naive" or r["batch"] < 64 or r["context"] < 4096:
+      continue
+    t = dict(path=r["path"], batch=r["batch"], context=r["context"], peak_fraction=None,
+             over_bytes_ratio=None)
+    if r.get("peak_fraction") is not None:
+      t["peak_fraction"] = r["peak_fraction"]
+      t["bandwidth_target_met"] = r["peak_fraction"] >= 0.7
+    m = mqa.get((r["batch"], r["context"]))
+    if m is not None:
+      ratio = r["ms_per_token"] / m["ms_per_token"]
+      t["over_bytes_ratio"] = ratio / (r["kv_bytes_per_token"] / m["kv_bytes_per_token"])
+      t["mqa_target_met"] = t["over_bytes_ratio"] <= 1.1
+    out.append(t)
   return out
 
 
@@ -168,34 +244,65 @@ def main(argv=None):
   parser.add_argument("--json", required=True, help="where to write the list of records")
   parser.add_argument("--quick", action="store_true", help="contexts 1k, 4k and fewer steps")
   parser.add_argument("--steps", type=int, default=0, help="timed steps per cell (0: auto)")
-  parser.add_argument("--batches", default="1,8")
+  parser.add_argument("--batches", default="1,8", help="comma list, e.g. 1,8,64")
+  parser.add_argument("--contexts", default="",
+                      help="comma list, e.g. 1k,4k,16k,32k (default: 1k,4k,16k; --quick 1k,4k)")
+  parser.add_argument("--impls", default="",
+                      help="rows to run, comma list of " + ",".join(
+                          row_name(v, p) for v, p, _ in VARIANTS) + " or 'all' (default: all; "
+                      "on CPU all but mla-pallas)")
+  parser.add_argument("--peak_gbps", type=float, default=0.0,
+                      help="peak memory bandwidth, GB/s (default: PEAK_GBPS by device kind)")
   args = parser.parse_args(argv)
 
-  contexts = [1024, 4096] if args.quick else [1024, 4096, 16384]
+  contexts = (parse_contexts(args.contexts) if args.contexts
+              else [1024, 4096] if args.quick else [1024, 4096, 16384])
   batches = [int(b) for b in args.batches.split(",")]
   steps = args.steps or (5 if args.quick else 10)
   max_seconds = 2.0 if args.quick else 5.0
-  print(f"# decode benchmark on {jax.devices()[0].platform} ({platform.processor() or 'cpu'}, "
-        f"{os.cpu_count()} cores), contexts {contexts}, batches {batches}, up to {steps} steps",
-        flush=True)
+  device = jax.devices()[0]
+  names = [row_name(v, p) for v, p, _ in VARIANTS]
+  if args.impls in ("", "all"):
+    impls = [n for n in names if n != "mla-pallas" or device.platform == "gpu" or args.impls]
+  else:
+    impls = args.impls.split(",")
+    unknown = sorted(set(impls) - set(names))
+    if unknown:
+      parser.error(f"--impls: unknown {unknown} (known: {names})")
+  peak = args.peak_gbps or peak_gbps(device.device_kind)
+  print(f"# decode benchmark on {device.platform} ({device.device_kind}; "
+        f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores), contexts {contexts}, batches "
+        f"{batches}, up to {steps} steps; peak bandwidth "
+        f"{f'{peak:.0f} GB/s' if peak else 'unknown (no fraction of peak)'}", flush=True)
+  if "mla-pallas" not in impls and "mla-pallas" in names and not args.impls:
+    print("# mla-pallas skipped: no GPU; the kernel would run in Pallas interpret mode, whose time "
+          "says nothing about the compiled kernel (--impls=all runs it anyway)", flush=True)
 
   records = []
   for variant, path, overrides in VARIANTS:
+    if row_name(variant, path) not in impls:
+      continue
     cfg = make_config(overrides, max(contexts))
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     for batch in batches:
       for context in contexts:
         times = time_decode(graphdef, state, cfg, context, batch, steps, max_seconds)
+        median = statistics.median(times)
+        read = bytes_read_per_slot(cfg, path) * cfg.n_layers * batch * context
         rec = dict(variant=variant, path=path, context=context, batch=batch,
-                   ms_per_token=1e3 * statistics.median(times),
+                   ms_per_token=1e3 * median,
                    kv_bytes_per_token=kv_cache_bytes_per_token(cfg),
-                   tokens_per_s=batch / statistics.median(times), steps_timed=len(times),
-                   ms_min=1e3 * min(times))
+                   tokens_per_s=batch / median, steps_timed=len(times),
+                   ms_min=1e3 * min(times), device_kind=device.device_kind, param_bytes=param_bytes,
+                   cache_bytes_read_per_step=read, achieved_gbps=read / median / 1e9,
+                   peak_gbps=peak, peak_fraction=read / median / 1e9 / peak if peak else None)
         records.append(rec)
-        print(f"{variant:4s} {path:8s} batch {batch} context {context:6d}: "
-              f"{rec['ms_per_token']:9.2f} ms/step (min {rec['ms_min']:.2f}, n={len(times)})",
-              flush=True)
+        frac = f", {100 * rec['peak_fraction']:.0f}% of peak" if peak else ""
+        print(f"{variant:4s} {path:8s} batch {batch:2d} context {context:6d}: "
+              f"{rec['ms_per_token']:9.2f} ms/step (min {rec['ms_min']:.2f}, n={len(times)}), "
+              f"{rec['achieved_gbps']:7.1f} GB/s{frac}", flush=True)
 
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
   with open(args.json, "w") as f:
@@ -204,12 +311,27 @@ def main(argv=None):
   print("ms per decode step (= per generated token of each sequence), median:")
   print(markdown_table(records))
   print()
+  print("achieved cache bandwidth, GB/s (cache bytes read per step / median step time)"
+        + (f"; % of {peak:.0f} GB/s peak" if peak else "") + ":")
+  print(markdown_table(records, lambda r: f"{r['achieved_gbps']:.1f}" + (
+      f" ({100 * r['peak_fraction']:.0f}%)" if r["peak_fraction"] is not None else "")))
+  print()
   for t in target_ratios(records):
     print(f"context {t['context']}, batch {t['batch']}: absorbed speed-up over naive "
           f"{t['absorbed_speedup_over_naive']:.2f}x (target >= 3x: "
           f"{'met' if t['speedup_target_met'] else 'NOT met'}); absorbed / MQA time "
           f"{t['absorbed_over_mqa']:.2f}x (target <= 2x: "
           f"{'met' if t['mqa_ratio_target_met'] else 'NOT met'})")
+  for t in kernel_targets(records):
+    parts = []
+    if t["peak_fraction"] is not None:
+      parts.append(f"{100 * t['peak_fraction']:.0f}% of peak bandwidth (target >= 70%: "
+                   f"{'met' if t['bandwidth_target_met'] else 'NOT met'})")
+    if t["over_bytes_ratio"] is not None:
+      parts.append(f"MLA / MQA time at {t['over_bytes_ratio']:.2f}x the bytes ratio (target <= "
+                   f"1.1x: {'met' if t['mqa_target_met'] else 'NOT met'})")
+    if parts:
+      print(f"mla-{t['path']} batch {t['batch']} context {t['context']}: " + "; ".join(parts))
   print(f"wrote {len(records)} records to {args.json}")
 
 

@@ -22,6 +22,7 @@ from mla_jax.core import cache as cache_lib
 from mla_jax.core.cache import schedule_after
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.layers import RMSNorm, apply_rope, dense, param, rope_angles
+from mla_jax.kernels import mla_decode
 
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
 
@@ -112,9 +113,10 @@ class GQAttention(nnx.Module):
 
 
 # Multi-head Latent Attention ----------------------------------------------------------------------
-# The projections are one method (MLAttention._project); attention itself is one of two functions
-# with the same arguments and result: mla_naive (the paper's equations) and mla_absorbed (the
-# matrix-absorbed form for decode). Both take the new tokens' queries q_nope [B, T, H, N], q_rope
+# The projections are one method (MLAttention._project); attention itself is one of three functions
+# with the same arguments and result: mla_naive (the paper's equations), mla_absorbed (the
+# matrix-absorbed form for decode) and mla_pallas (mla_absorbed with its cached block as one fused
+# kernel, kernels/mla_decode.py). All take the new tokens' queries q_nope [B, T, H, N], q_rope
 # [B, T, H, R], latents c [B, T, C] and rope key k_rope [B, T, R], and wkv_b [C, H, N + E] (per
 # head W_UK, then W_UV), and return o [B, T, H, E] (before wo). Without `past` the T tokens attend
 # causally to themselves, `block` queries at a time (causal_attention); with past = (c [B, S, C],
@@ -194,7 +196,49 @@ def mla_absorbed(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, length
   return jnp.einsum("BTHC,CHE->BTHE", o, w_uv)  # W_UV once, after both key blocks
 
 
-MLA_PATHS = {"naive": mla_naive, "absorbed": mla_absorbed}
+def mla_pallas(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=None):
+  """mla_absorbed with the cached block as one fused Pallas kernel that reads each cached latent
+  once (kernels/mla_decode.py; on CPU it runs in interpret mode: slow, for tests). The kernel
+  returns the unnormalised softmax partial (o~, max, sum) over the filled slots; the new tokens'
+  own block (causal among themselves) is merged with it by the same log-sum-exp combine.
+  past may be stored in another dtype than the queries: the kernel casts each tile as it reads it.
+  Without past (training, prefill without a cache) this is mla_absorbed.
+  """
+  if past is None:
+    return mla_absorbed(q_nope, q_rope, c, k_rope, wkv_b, block=block)
+  n, dt = q_nope.shape[-1], wkv_b.dtype
+  w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
+  scale = (n + q_rope.shape[-1]) ** -0.5
+  q_c = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
+  b, t, h, latent = q_c.shape
+  # Every new token sees the same filled slots, so the T x H queries are the kernel's heads.
+  o_old, m_old, l_old = mla_decode.mla_decode_partial(
+      q_c.reshape(b, t * h, latent), q_rope.reshape(b, t * h, -1), *past, lengths, scale)
+  new = (jnp.einsum("BTHC,BSC->BHTS", q_c, c, preferred_element_type=jnp.float32)
+         + _rope_scores(q_rope, k_rope)) * scale  # [B, H, T, T]
+  new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new, _NEG)
+  m_new = new.max(axis=-1)
+  p_new = jnp.exp(new - m_new[..., None])
+  o_new = jnp.einsum("BSC,BHTS->BTHC", c, p_new.astype(dt)).astype(jnp.float32)
+  to_bth = lambda x: jnp.moveaxis(x, 1, 2)  # [B, H, T] -> [B, T, H]
+  o, _, l = mla_decode.combine_partials(
+      jnp.stack([o_old.reshape(b, t, h, latent), o_new], axis=1),
+      jnp.stack([m_old.reshape(b, t, h), to_bth(m_new)], axis=1),
+      jnp.stack([l_old.reshape(b, t, h), to_bth(p_new.sum(axis=-1))], axis=1))
+  return jnp.einsum("BTHC,CHE->BTHE", (o / l[..., None]).astype(dt), w_uv)
+
+
+MLA_PATHS = {"naive": mla_naive, "absorbed": mla_absorbed, "pallas": mla_pallas}
+
+
+def resolve_mla_impl(impl: str, seq_len: int) -> str:
+  """'auto' -> 'pallas' where the compiled kernel runs (one GPU, S >= 16: kernels/mla_decode.py
+  `supported`), else 'absorbed'. With several devices the cache may be sharded, which the kernel
+  does not handle (it would gather the cache), so auto keeps the einsums there."""
+  if impl != "auto":
+    return impl
+  single = jax.device_count() == 1
+  return "pallas" if single and mla_decode.supported(seq_len) else "absorbed"
 
 
 class MLAttention(nnx.Module):
@@ -243,22 +287,25 @@ class MLAttention(nnx.Module):
 
     cache: this layer's LatentCache (S slots, lengths [B] of them filled) or None. The new tokens
     attend over the filled slots and themselves, then are written at slots lengths[b] + t of the
-    returned cache. impl ('naive' | 'absorbed') overrides the config's choice, mla_decode_impl for
-    one-token steps with a cache and mla_prefill_impl otherwise; both give the same output.
+    returned cache. impl ('naive' | 'absorbed' | 'pallas' | 'auto') overrides the config's choice,
+    mla_decode_impl for one-token steps with a cache and mla_prefill_impl otherwise; all give the
+    same output ('auto': resolve_mla_impl).
     """
     cfg, dt = self.cfg, self.cfg.compute_dtype
     q_nope, q_rope, latent, k_rope = self._project(x, positions)
     if impl is None:
       one_token = cache is not None and x.shape[1] == 1
       impl = cfg.mla_decode_impl if one_token else cfg.mla_prefill_impl
-    attention = MLA_PATHS[impl]
+    attention = MLA_PATHS[resolve_mla_impl(impl, 0 if cache is None else cache.c.shape[1])]
     wkv_b, wo = self.wkv_b[...].astype(dt), self.wo[...].astype(dt)
     if cache is None:
       o = attention(q_nope, q_rope, latent, k_rope, wkv_b, block=cfg.attn_block)
       return dense(o, wo, n_in=2), None
     latent = cache_lib.as_stored(latent, cache.c)
     k_rope = cache_lib.as_stored(k_rope, cache.k_rope)
-    past = (cache.c.astype(dt), cache.k_rope.astype(dt))
+    past = (cache.c, cache.k_rope)  # the kernel casts tiles as it reads them: no converted copy
+    if attention is not mla_pallas:
+      past = (cache.c.astype(dt), cache.k_rope.astype(dt))
     o = attention(q_nope, q_rope, latent, k_rope, wkv_b, past=past, lengths=lengths)
     out = dense(o, wo, n_in=2)
     return out, cache_lib.LatentCache(c=write_after(cache.c, latent, lengths, out),

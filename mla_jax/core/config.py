@@ -18,7 +18,10 @@ import jax.numpy as jnp
 
 ATTENTION_TYPES = ("mha", "gqa", "mqa", "mla")
 ROPE_LAYOUTS = ("half", "interleaved")
-MLA_IMPLS = ("naive", "absorbed")
+MLA_IMPLS = ("naive", "absorbed")  # mla_prefill_impl
+# mla_decode_impl: also the fused Pallas kernel (kernels/mla_decode.py; interpret mode on CPU) and
+# "auto" (the kernel on one GPU, else the absorbed einsums: attention.resolve_mla_impl).
+MLA_DECODE_IMPLS = MLA_IMPLS + ("pallas", "auto")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -43,7 +46,7 @@ class ModelConfig:
   qk_rope_head_dim: int = 16  # R
   v_head_dim: int = 0  # E; 0 -> D // H
   mla_prefill_impl: str = "naive"  # path for multi-token queries (training, prefill)
-  mla_decode_impl: str = "absorbed"  # path for one-token decode steps
+  mla_decode_impl: str = "absorbed"  # path for one-token decode steps (MLA_DECODE_IMPLS)
   # Training / prefill without a cache runs causal attention in query blocks of this many tokens,
   # each scoring only the keys it can see (about half the T x T work skipped); 0 = one block.
   attn_block: int = 128
@@ -174,9 +177,9 @@ def _validate_mla(c: ModelConfig) -> None:
           f"qk_nope_head_dim={c.nope_dim}")
   if c.attn_block < 0:
     _fail("attn_block", f"must be >= 0 (0 = one block), got {c.attn_block}")
-  for name in ("mla_prefill_impl", "mla_decode_impl"):
-    if getattr(c, name) not in MLA_IMPLS:
-      _fail(name, f"{getattr(c, name)!r} is not one of {MLA_IMPLS}")
+  for name, choices in (("mla_prefill_impl", MLA_IMPLS), ("mla_decode_impl", MLA_DECODE_IMPLS)):
+    if getattr(c, name) not in choices:
+      _fail(name, f"{getattr(c, name)!r} is not one of {choices}")
 
 
 def kv_cache_bytes_per_token(c: ModelConfig) -> int:
