@@ -62,6 +62,7 @@ def main(argv):
     # is reported above, and the error must stay the last line.
     pylogging.getLogger("asyncio").disabled = True
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+    sys.unraisablehook = lambda _: None  # orbax's teardown ('Event loop is closed') after it
     sys.exit(1)
   if jax.process_index() == 0:
     print(trainer.summary_text(summary))

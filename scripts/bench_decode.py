@@ -46,34 +46,7 @@ stays around 3 GiB, well under 20 GiB; 2 layers (not 4) keep the full run to a f
 Targets printed at the end: absorbed vs naive speed-up at the longest context (>= 3x) and
 absorbed / MQA time (<= 2x).
 
-Findings (2-core CPU, XLA:CPU):
-- Absorbed vs naive: naive re-expands every cached latent into H * (N + E) = 1024 numbers per slot
-  each step (2 * C * H * (N + E) = 0.5 MFLOP per cached token per layer); absorbed does
-  2 * H * (2C + R) = 8.7 kFLOP. Measured 20x (batch 1) and 21x (batch 8) faster at 16k (target
-  met).
-- Absorbed / MQA stays above 2x, and must with this ratio: per cached token absorbed MLA reads
-  C + R = 288 numbers (MQA: 2K = 128, 2.25x) and, as two separate einsums (scores over [c; k_R],
-  then probs @ c), reads the latent twice and does 2H(2C + R) vs 2H(2K) FLOPs = 4.25x. Decode
-  attention on this CPU is bound by those small-M matmuls: measured 2.08x (b1) and 2.86x (b8) at
-  16k. Only a smaller C (e.g. C = 2 d_h) or a fused kernel that reads c once would approach 2x; a
-  chunked lax.scan with an online softmax (chunks of 256-2048 slots, so a chunk of c is re-read
-  from cache) was 1.2-2.6x slower than the two einsums (per-iteration overhead, dynamic slices).
-- The probs @ values einsums of both GQAttention and MLAttention (absorbed) used to put the probs
-  operand first; XLA:CPU then ran that dot 2-7x slower (absorbed b8/4k 75.8 -> 24.7 ms/step, MQA
-  13.5 -> 8.9). Swapping the operands in attention.py fixed it (same math, same outputs).
-- The decode step used to write the new token into the cache and then attend over the written
-  buffer; XLA:CPU duplicated the write (vmapped dynamic_update_slice) into each consumer and, at
-  batch 1, copied every cache array 4 times per step (MQA and MLA at 16k: 16 whole-cache copies),
-  making batch 1 slower per step than batch 8. attention.py now attends over two key blocks, the
-  cache as passed in and the new tokens, with one softmax, and writes afterwards, ordered by
-  cache.after so the write updates the donated buffer in place: 0 copies. Interleaved A/B at 16k,
-  ms/step old -> new: MQA b1 16.1 -> 3.5, MLA absorbed b1 36.4 -> 8.6, GQA b1 6.7 -> 6.1; batch 8
-  unchanged (MQA 11.1 -> 11.2, GQA 74 -> 71, absorbed 45 -> 44). Without cache.after the two
-  blocks alone left 2 copies per array (MQA b1 ~7 ms) and made batch 8 2-5x slower; without
-  tying GQA's [B, G, S, K] relayouts (and naive MLA's decompression) XLA:CPU ran every layer's
-  copies at the start of the step, all live at once (GQA b1 2.5x slower).
-- MHA/GQA with G > 1 transpose the whole [B, S, G, K] cache to [B, G, S, K] every step for their
-  batched dots (visible as MHA's steep growth); MQA (G = 1) and MLA do not.
+What the measurements found, and why attention.py looks as it does: docs/performance.md.
 """
 
 from __future__ import annotations

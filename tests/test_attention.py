@@ -95,7 +95,7 @@ def test_rope_interleaved_equals_half_after_permutation():
   dots_inter = jnp.einsum("BTR,BSR->BTS", inter, rope(y, pos, "interleaved"))
   dots_half = jnp.einsum("BTR,BSR->BTS", half, rope(y[..., perm], pos, "half"))
   np.testing.assert_allclose(dots_inter, dots_half, atol=1e-4)
-  # Without the permutation the layouts disagree: the trap REFERENCE.md warns about.
+  # Without the permutation the layouts disagree: the trap docs/model.md warns about.
   assert np.abs(np.asarray(inter) - np.asarray(rope(x, pos, "half"))).max() > 0.1
 
 

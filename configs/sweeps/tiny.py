@@ -1,4 +1,5 @@
-"""Two tiny runs for tests and smoke checks (seconds): MHA and MLA at D=32, one layer.
+"""The comparison protocol in miniature, for tests and smoke checks (about a minute): MHA and MLA
+at D=32, one layer; a learning-rate phase over two rates, then two seeds per variant.
 
   python scripts/compare.py --sweep=tiny --out=/tmp/tiny_sweep
 """
@@ -24,7 +25,10 @@ def get_config() -> ConfigDict:
   ]
   c.reference = "mha"
   c.param_tolerance = 0.5  # not parameter-matched: a plumbing test
-  c.seeds = {}
+  c.lr_grid = [1e-3, 4e-3]  # tuning phase: each variant at each rate, tune_steps steps, seed 0
+  c.tune_steps = 4
+  c.tune_eval_tokens = 1024
+  c.seeds = [0, 1]  # final runs: every variant at its chosen rate with each seed
   c.decode_lengths = "64,128"
   c.decode_rounds = 1  # final decode timing: all runs interleaved, this many rounds
   c.decode_steps = 8

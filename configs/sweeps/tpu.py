@@ -1,4 +1,4 @@
-r"""The cpu sweep's variants at ~340M parameters and 2.1B tokens on a TPU slice: not run here.
+r"""The earlier cpu sweep's variants at ~340M params and 2.1B tokens on a TPU slice: not run.
 
   # once: a BPE-tokenized corpus of several GB (e.g. FineWeb-Edu or OpenWebText as text files)
   python scripts/prepare_data.py --source=text --path='data/fineweb_edu/*.txt' --tokenizer=bpe \
@@ -13,7 +13,7 @@ size=350m). The mesh is data-parallel over the slice by default; on a v4-32 / v5
 (= GQA-2), C=96 -> 128 (= MQA); query latent Q = 512 except mla_c224_noq. Parameters matched to
 MHA's within 3% through d_ff (`python scripts/compare.py --sweep=tpu --params`; tests check it).
 Cost: 6 * 337M params * 2.1B tokens ~ 4.2e18 FLOPs per run (+1/3 for remat): ~30 min on a v4-32
-(32 chips x 275 bf16 TFLOP/s) at 40% utilisation, ~4-5 hours for the 8 runs.
+(32 chips x 275 bf16 TFLOP/s) at 40% utilisation, ~3-4 hours for the 6 runs.
 """
 
 from ml_collections import ConfigDict

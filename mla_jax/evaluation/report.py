@@ -16,10 +16,12 @@ import statistics
 import matplotlib
 from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
+from mla_jax.evaluation import stats as stats_lib
 from mla_jax.storage.workdir import read_metrics
 
 PLOTS = {"pareto": "bpb_vs_kv_bytes.png", "curves": "training_curves.png",
-         "decode": "decode_ms_per_token.png", "position": "loss_by_position.png"}
+         "decode": "decode_ms_per_token.png", "position": "loss_by_position.png",
+         "lr": "bpb_vs_lr.png"}
 
 
 # Data -------------------------------------------------------------------------------------------
@@ -40,8 +42,9 @@ def dims(r: dict) -> str:
 
 
 def collect(sweep, runs, results: dict, runs_dir: str, command: str,
-            train_seconds: dict | None = None) -> dict:
-  """The results.json document: setup, one entry per run, seed statistics per variant."""
+            train_seconds: dict | None = None, lr_table: dict | None = None) -> dict:
+  """The results.json document: setup, one entry per run, seed statistics per variant, the
+  learning-rate tuning table and the pairwise comparisons (evaluation.stats conventions)."""
   ref_name = sweep.get("reference", runs[0]["name"])
   if ref_name not in results:  # e.g. compare.py --only without the reference run
     ref_name = runs[0]["name"]
@@ -49,7 +52,7 @@ def collect(sweep, runs, results: dict, runs_dir: str, command: str,
   out_runs = {}
   for run in runs:
     r = dict(results[run["name"]])
-    r.update(variant=run["variant"], seed=run["seed"], dims=dims(r),
+    r.update(variant=run["variant"], seed=run["seed"], lr=run.get("lr"), dims=dims(r),
              cache_pct_of_reference=100 * r["kv_bytes_per_token"] / ref["kv_bytes_per_token"],
              curve=read_curve(os.path.join(runs_dir, run["name"])),
              train_seconds=(train_seconds or {}).get(run["name"]))
@@ -60,10 +63,13 @@ def collect(sweep, runs, results: dict, runs_dir: str, command: str,
   stats = {}
   for v, names in variants.items():
     bpb = [out_runs[n]["val_bpb"] for n in names]
+    mean, std = stats_lib.mean_std(bpb)
     stats[v] = {"runs": names, "seeds": [out_runs[n]["seed"] for n in names],
-                "val_bpb_mean": statistics.fmean(bpb), "val_bpb_min": min(bpb),
+                "lr": out_runs[names[0]]["lr"],
+                "val_bpb_mean": mean, "val_bpb_std": std, "val_bpb_min": min(bpb),
                 "val_bpb_max": max(bpb), "val_bpb_spread": max(bpb) - min(bpb),
-                "kv_bytes_per_token": out_runs[names[0]]["kv_bytes_per_token"]}
+                "kv_bytes_per_token": out_runs[names[0]]["kv_bytes_per_token"],
+                "attention": out_runs[names[0]]["attention"]["variant"]}
   first = out_runs[runs[0]["name"]]
   setup = {
       "sweep": sweep.name, "reference": ref_name, "command": command,
@@ -77,7 +83,25 @@ def collect(sweep, runs, results: dict, runs_dir: str, command: str,
       "code": code_version(),  # at report time: timings re-taken then, training possibly earlier
       "seeds": {v: s["seeds"] for v, s in stats.items()},
   }
-  return {"setup": setup, "runs": out_runs, "variants": stats}
+  tuning = {v: {"grid": {repr(lr): b for lr, b in e["grid"].items()}, "chosen": e["chosen"],
+               "on_edge": e["on_edge"]} for v, e in (lr_table or {}).items()}
+  return {"setup": setup, "runs": out_runs, "variants": stats, "tuning": tuning,
+          "comparisons": comparisons(out_runs, stats, runs[0]["variant"] if ref_name not in
+                                     out_runs else out_runs[ref_name]["variant"])}
+
+
+def comparisons(runs: dict, stats: dict, reference: str) -> list[dict]:
+  """The pairs a reader asks about: every variant against the reference (MHA), and every MLA
+  variant against each non-MLA baseline with the same cache bytes per token."""
+  values = {v: [runs[n]["val_bpb"] for n in s["runs"]] for v, s in stats.items()}
+  pairs = [(v, reference) for v in stats if v != reference]
+  for m, sm in stats.items():
+    for b, sb in stats.items():
+      if (sm["attention"] == "mla" and sb["attention"] != "mla"
+          and sm["kv_bytes_per_token"] == sb["kv_bytes_per_token"]):
+        pairs.append((m, b))
+  return [{"kind": "vs reference" if b == reference else "equal cache",
+           **stats_lib.compare(a, values[a], b, values[b])} for a, b in pairs]
 
 
 def code_version() -> str:
@@ -123,7 +147,8 @@ def plot_pareto(doc: dict, path: str) -> None:
   for v, (x, y) in zip(names, means):
     ax.scatter(x, y, color=colors[v], marker="D", s=60, edgecolor="black", zorder=4, label=v)
     if len(stats[v]["runs"]) > 1:
-      ax.vlines(x, stats[v]["val_bpb_min"], stats[v]["val_bpb_max"], color=colors[v], lw=2)
+      ax.errorbar(x, y, yerr=stats[v].get("val_bpb_std", 0.0), color=colors[v], lw=2, capsize=4,
+                  zorder=4)
   ax.set_xscale("log", base=2)
   # The frontier as a staircase: everything above and to the right of it is dominated.
   front = [means[i] for i in pareto_front(means)]
@@ -139,10 +164,36 @@ def plot_pareto(doc: dict, path: str) -> None:
   ax.set_xlim(min(x for x, _ in means) / 1.4, right)
   ax.set_xlabel("KV cache bytes per token (all layers)")
   ax.set_ylabel("validation bits per byte (lower is better)")
-  ax.set_title("Quality vs KV cache size (dots: runs, diamonds: variant means, bars: seed range)",
-               fontsize=9)
+  ax.set_title("Quality vs KV cache size (dots: runs, diamonds: variant means, bars: +-1 std "
+               "over seeds)", fontsize=9)
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def plot_lr(doc: dict, path: str) -> None:
+  """Validation bpb of the tuning runs against the learning rate, one line per variant."""
+  tuning = doc.get("tuning") or {}
+  fig = Figure(figsize=(7, 4.8))
+  ax = fig.subplots()
+  colors = _colors(list(doc["variants"]))
+  for v, entry in tuning.items():
+    points = sorted((float(lr), b) for lr, b in entry["grid"].items() if b is not None)
+    if points:
+      ax.plot(*zip(*points), marker="o", color=colors.get(v), label=v)
+      best = float(entry["chosen"])
+      ax.scatter([best], [dict(points)[best]], s=120, facecolors="none", edgecolors="black")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("peak learning rate")
+  ax.set_ylabel("validation bits per byte (tuning budget)")
+  ax.set_title("Learning-rate tuning (circled: the rate each variant's final runs use)",
+               fontsize=9)
+  if not tuning:
+    ax.text(0.5, 0.5, "no tuning phase in this sweep", ha="center", transform=ax.transAxes)
+  ax.grid(alpha=0.3, which="both")
+  if tuning:
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -322,12 +373,38 @@ def markdown(doc: dict) -> str:
                                     for r in runs.values()) else "**NO**") + ".", ""]
   multi = {v: s for v, s in stats.items() if len(s["runs"]) > 1}
   if multi:
-    lines += ["### Seed spread", "", "| variant | seeds | val bpb (each) | mean | max - min |",
-              "|---|---|---|---|---|"]
+    lines += ["### Seeds", "", "| variant | seeds | val bpb (each) | mean | std | max - min |",
+              "|---|---|---|---|---|---|"]
     for v, s in multi.items():
       each = ", ".join(f"{runs[n]['val_bpb']:.4f}" for n in s["runs"])
       lines.append(f"| {v} | {', '.join(map(str, s['seeds']))} | {each} | "
-                   f"{s['val_bpb_mean']:.4f} | {s['val_bpb_spread']:.4f} |")
+                   f"{s['val_bpb_mean']:.4f} | {s.get('val_bpb_std', 0.0):.4f} | "
+                   f"{s['val_bpb_spread']:.4f} |")
+    lines.append("")
+  tuning = doc.get("tuning") or {}
+  if tuning:
+    grid = sorted({float(lr) for e in tuning.values() for lr in e["grid"]})
+    lines += ["### Learning-rate tuning", "",
+              "Each variant trained at every rate on the tuning budget (seed 0); its final runs "
+              "use the rate with the lowest validation bpb (`-`: diverged).", "",
+              "| variant | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |",
+              "|---" * (len(grid) + 2) + "|"]
+    for v, e in tuning.items():
+      by = {float(k): b for k, b in e["grid"].items()}
+      cells = [("-" if by.get(lr) is None else f"{by[lr]:.4f}") for lr in grid]
+      lines.append(f"| {v} | " + " | ".join(cells) + f" | {float(e['chosen']):g}"
+                   + (" (grid edge)" if e["on_edge"] else "") + " |")
+    lines.append("")
+  if doc.get("comparisons"):
+    lines += ["### Differences against seed noise", "",
+              "Difference of mean val bpb (negative: the first is better); it exceeds the seed "
+              "spread when |difference| > std_a + std_b (sample std over seeds).", "",
+              "| pair | kind | difference | relative | seed spread | exceeds |",
+              "|---|---|---|---|---|---|"]
+    for c in doc["comparisons"]:
+      lines.append(f"| {c['a']} vs {c['b']} | {c['kind']} | {c['diff']:+.4f} | "
+                   f"{100 * c['rel_diff']:+.2f}% | {c['spread']:.4f} | "
+                   f"{'yes' if c['exceeds_spread'] else 'no'} |")
     lines.append("")
   lines += ["### Variant means (bpb) against the reference", "",
             f"| variant | KV B/token | cache % of {ref} | mean val bpb | vs {ref} |",
@@ -341,6 +418,7 @@ def markdown(doc: dict) -> str:
   lines += [f"- {n}" for n in notes(doc)]
   lines += ["", "## Figures", ""]
   captions = {"pareto": "Validation bits per byte vs KV cache bytes per token",
+              "lr": "Validation bits per byte vs learning rate (tuning phase)",
               "curves": "Training curves (validation loss vs tokens)",
               "decode": "Decode ms per token vs context length",
               "position": "Loss by context position"}
@@ -355,7 +433,7 @@ def render(doc: dict, out: str) -> list[str]:
   os.makedirs(out, exist_ok=True)
   paths = []
   for key, fn in (("pareto", plot_pareto), ("curves", plot_curves), ("decode", plot_decode),
-                  ("position", plot_position)):
+                  ("position", plot_position), ("lr", plot_lr)):
     paths.append(os.path.join(out, PLOTS[key]))
     fn(doc, paths[-1])
   paths.append(os.path.join(out, "report.md"))
@@ -365,8 +443,8 @@ def render(doc: dict, out: str) -> list[str]:
 
 
 def write_report(sweep, runs, results: dict, out: str, runs_dir: str, command: str,
-                 train_seconds: dict | None = None) -> list[str]:
-  doc = collect(sweep, runs, results, runs_dir, command, train_seconds)
+                 train_seconds: dict | None = None, lr_table: dict | None = None) -> list[str]:
+  doc = collect(sweep, runs, results, runs_dir, command, train_seconds, lr_table)
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, "results.json")
   with open(path, "w") as f:

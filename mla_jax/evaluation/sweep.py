@@ -26,10 +26,10 @@ import time
 
 import mla_jax
 from mla_jax.core.model import abstract_model, count_params
-from mla_jax.evaluation import decode_speed, report
+from mla_jax.evaluation import decode_speed, report, stats
 from mla_jax.evaluation.workdir_eval import EvalError, decode_contexts, evaluate_workdir
 from mla_jax.experiment import ExperimentConfig, load_config
-from mla_jax.storage.workdir import Workdir, load_model
+from mla_jax.storage.workdir import Workdir, load_model, read_metrics
 
 # The checkout: sweep files name configs/ and train.py relative to it (installed editable).
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(mla_jax.__file__)))
@@ -85,30 +85,77 @@ def cadence(sweep, steps: int) -> dict:
           "optim.warmup_steps": max(1, round(steps * sweep.get("warmup_fraction", 0.05)))}
 
 
-def expand_runs(sweep, steps: int | None = None) -> list[dict]:
-  """[{name, variant, seed, arg, overrides}] with sweep-wide overrides applied, plus one extra run
-  '<variant>_seed<k>' (train.seed=k) per entry of sweep.seeds[variant]."""
-  steps = steps or sweep.steps
+def _variants(sweep, steps: int) -> list[dict]:
+  """One entry per sweep.runs line: {variant, arg, overrides} with sweep-wide settings applied."""
   common = {**flatten(sweep.overrides), **cadence(sweep, steps)}
-  base = []
-  for entry in sweep.runs:
-    name, arg, overrides = entry
-    base.append({"name": name, "variant": name, "arg": arg,
-                 "overrides": {**common, **flatten(overrides)}})
-  names = [r["name"] for r in base]
+  out = []
+  for name, arg, overrides in sweep.runs:
+    out.append({"variant": name, "arg": arg, "overrides": {**common, **flatten(overrides)}})
+  names = [v["variant"] for v in out]
   if len(set(names)) != len(names):
     raise SweepError(f"sweep {sweep.name}: duplicate run names in {names}")
+  return out
+
+
+def seeds_of(sweep) -> list[int]:
+  """The seeds every final run is trained with (sweep.seeds, default [0])."""
+  seeds = list(sweep.get("seeds", None) or [0])
+  if len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
+    raise SweepError(f"sweep {sweep.name}: seeds must be distinct integers, got {seeds}")
+  return seeds
+
+
+def expand_runs(sweep, steps: int | None = None, lrs: dict | None = None) -> list[dict]:
+  """The final runs: [{name, variant, seed, lr, arg, overrides}], one per variant and seed
+  ('<variant>' alone for a single seed, else '<variant>_s<seed>'), at the variant's learning
+  rate from `lrs` (the tuning phase's choice) or the sweep's own."""
+  steps = steps or sweep.steps
+  seeds = seeds_of(sweep)
   runs = []
-  for run in base:
-    run["seed"] = run["overrides"].get("train.seed", 0)
-    runs.append(run)
-    for seed in dict(sweep.get("seeds", {}) or {}).get(run["name"], ()):
-      runs.append({**run, "name": f"{run['name']}_seed{seed}", "seed": seed,
-                   "overrides": {**run["overrides"], "train.seed": seed}})
-  unknown = set(dict(sweep.get("seeds", {}) or {})) - set(names)
-  if unknown:
-    raise SweepError(f"sweep {sweep.name}: seeds for unknown runs {sorted(unknown)}")
+  for v in _variants(sweep, steps):
+    lr = (lrs or {}).get(v["variant"], v["overrides"].get("optim.lr"))
+    for seed in seeds:
+      name = v["variant"] if len(seeds) == 1 else f"{v['variant']}_s{seed}"
+      overrides = {**v["overrides"], "train.seed": seed}
+      if lr is not None:
+        overrides["optim.lr"] = lr
+      runs.append({**v, "name": name, "seed": seed, "lr": lr, "overrides": overrides})
   return runs
+
+
+def tuning_runs(sweep) -> list[dict]:
+  """The learning-rate phase: every variant at every rate of sweep.lr_grid, seed 0, for
+  sweep.tune_steps steps, scored on sweep.tune_eval_tokens validation tokens (0: all)."""
+  grid = list(sweep.get("lr_grid", None) or [])
+  if not grid:
+    return []
+  steps = sweep.tune_steps
+  runs = []
+  for v in _variants(sweep, steps):
+    for lr in grid:
+      overrides = {**v["overrides"], "optim.lr": lr, "train.seed": 0,
+                   "train.final_eval_tokens": sweep.get("tune_eval_tokens", 0)}
+      runs.append({**v, "name": f"tune/{v['variant']}_lr{lr:g}", "seed": 0, "lr": lr,
+                   "steps": steps, "overrides": overrides})
+  return runs
+
+
+def final_val_bpb(workdir: str) -> float | None:
+  """The last validation bits per byte a run logged (its final evaluation); None if it never
+  evaluated or diverged (a non-finite run stops with an error before its final eval)."""
+  evals = [r["val_bpb"] for r in read_metrics(workdir) if "val_bpb" in r]
+  return evals[-1] if evals else None
+
+
+def choose_lrs(tuning: list[dict], scores: dict[str, float | None]) -> dict[str, dict]:
+  """{variant: {'grid': {lr: val_bpb}, 'chosen': lr, 'on_edge': bool}} from the tuning runs."""
+  out = {}
+  for run in tuning:
+    out.setdefault(run["variant"], {"grid": {}})["grid"][run["lr"]] = scores.get(run["name"])
+  for entry in out.values():
+    entry["chosen"] = stats.best_lr(entry["grid"])
+    entry["on_edge"] = stats.on_grid_edge(entry["chosen"], list(entry["grid"]))
+  return out
 
 
 def run_config(sweep, run):
@@ -142,13 +189,17 @@ def matching_d_ff(cfg, target_total: int, multiple: int = 8) -> int:
 
 
 def param_table(sweep, runs, match: bool = False) -> list[dict]:
-  """Per run: total and non-embedding params, relative difference to the reference run, and
-  with match=True the d_ff that would bring the total closest to the reference's."""
-  rows = []
+  """Per variant (seeds share a model): total and non-embedding params, relative difference to
+  the reference variant, and with match=True the d_ff that would bring the total closest to the
+  reference's."""
+  rows, seen = [], set()
   for run in runs:
+    if run["variant"] in seen:
+      continue
+    seen.add(run["variant"])
     cfg = model_config(run_config(sweep, run))
-    rows.append({"name": run["name"], "cfg": cfg, **count(cfg)})
-  ref_name = sweep.get("reference", runs[0]["name"])
+    rows.append({"name": run["variant"], "cfg": cfg, **count(cfg)})
+  ref_name = sweep.get("reference", rows[0]["name"])
   ref = next(r for r in rows if r["name"] == ref_name)
   for r in rows:
     r["rel"] = r["total"] / ref["total"] - 1
@@ -239,30 +290,57 @@ def say(text: str) -> None:
   print(f"[compare {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
+def _train_or_reuse(sweep, run, workdir: str, steps: int, label: str, timings: dict) -> None:
+  check_existing(workdir, steps)
+  if is_finished(workdir, steps):
+    say(f"{run['name']}: finished run reused ({workdir})")
+    return
+  say(f"{run['name']} ({label}): training {steps} steps at lr {run.get('lr')} -> "
+      f"{workdir}/train.log")
+  try:
+    timings[run["name"]] = train(sweep, run, workdir)
+  except SweepError as e:
+    if run["name"].startswith("tune/") and "non-finite" in str(e):
+      say(f"{run['name']}: diverged (counted as a failed rate)")
+      return
+    raise
+  say(f"{run['name']}: trained in {timings[run['name']]:.0f} s")
+
+
 def run_sweep(sweep_name: str, out: str, runs_dir: str | None = None, steps: int | None = None,
               reuse: bool = False, only: str | None = None,
               command: str | None = None) -> list[str]:
-  """Trains what is missing, evaluates, writes the report; returns the written paths."""
+  """Tunes the learning rate per variant (when the sweep has an lr_grid), trains the final runs
+  at the chosen rates and seeds, evaluates them and writes the report; returns the paths.
+  Everything finished is reused, so re-running after an interruption continues."""
   sweep = load_sweep(sweep_name)
   steps = steps or sweep.steps
-  runs = expand_runs(sweep, steps)
+  runs_dir = runs_dir or os.path.join(out, "runs")
+  timings, started = {}, time.time()
+  tuning = tuning_runs(sweep)
   if only:
     wanted = set(only.split(","))
-    runs = [r for r in runs if r["name"] in wanted]
+    tuning = [r for r in tuning if r["variant"] in wanted]
+  scores = {}
+  for i, run in enumerate(tuning):
+    workdir = os.path.join(runs_dir, run["name"])
+    _train_or_reuse(sweep, run, workdir, run["steps"], f"tuning {i + 1}/{len(tuning)}", timings)
+    scores[run["name"]] = final_val_bpb(workdir)
+  lr_table = choose_lrs(tuning, scores) if tuning else {}
+  for v, entry in lr_table.items():
+    grid = ", ".join(f"{lr:g}: {'-' if b is None else f'{b:.4f}'}"
+                     for lr, b in entry["grid"].items())
+    say(f"{v}: lr {entry['chosen']:g} chosen ({grid})"
+        + ("; on the grid's edge" if entry["on_edge"] else ""))
+  runs = expand_runs(sweep, steps, {v: e["chosen"] for v, e in lr_table.items()})
+  if only:
+    runs = [r for r in runs if r["name"] in wanted or r["variant"] in wanted]
     if not runs:
       raise SweepError(f"--only: none of {sorted(wanted)} is a run of sweep {sweep.name}")
-  runs_dir = runs_dir or os.path.join(out, "runs")
-  results, timings = {}, {}
-  started = time.time()
+  results = {}
   for i, run in enumerate(runs):
     workdir = os.path.join(runs_dir, run["name"])
-    check_existing(workdir, steps)
-    if is_finished(workdir, steps):
-      say(f"{run['name']}: finished run reused ({workdir})")
-    else:
-      say(f"{run['name']} ({i + 1}/{len(runs)}): training {steps} steps -> {workdir}/train.log")
-      timings[run["name"]] = train(sweep, run, workdir)
-      say(f"{run['name']}: trained in {timings[run['name']]:.0f} s")
+    _train_or_reuse(sweep, run, workdir, steps, f"final {i + 1}/{len(runs)}", timings)
     t = time.time()
     results[run["name"]] = evaluate(sweep, workdir, reuse)
     r = results[run["name"]]
@@ -273,9 +351,10 @@ def run_sweep(sweep_name: str, out: str, runs_dir: str | None = None, steps: int
   if rounds:
     say(f"decode timing again, all runs interleaved ({rounds} rounds)")
     retime_decode(sweep, runs, runs_dir, results, rounds)
-  command = command or (f"python scripts/compare.py --sweep={sweep_name} --out={out}"
+  command = command or (f"python3 scripts/compare.py --sweep={sweep_name} --out={out}"
                         + ("" if default_runs else f" --runs_dir={runs_dir}")
                         + (f" --steps={steps}" if steps != sweep.steps else ""))
-  paths = report.write_report(sweep, runs, results, out, runs_dir, command, train_seconds=timings)
+  paths = report.write_report(sweep, runs, results, out, runs_dir, command, train_seconds=timings,
+                              lr_table=lr_table)
   say(f"wrote {', '.join(paths)} ({(time.time() - started) / 60:.1f} min)")
   return paths
