@@ -17,6 +17,8 @@ import time
 
 from absl import app, flags
 
+from mla_jax.cli import check_args
+
 FLAGS = flags.FLAGS
 
 
@@ -35,13 +37,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  if not FLAGS.workdir:
-    print("error: --workdir is required: the directory train.py wrote "
-          "(e.g. --workdir=runs/default)", file=sys.stderr)
-    sys.exit(1)
+  check_args(argv, FLAGS.workdir, "the directory train.py wrote")
   import jax
   from absl import logging
 

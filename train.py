@@ -22,6 +22,8 @@ import warnings
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mla_jax.cli import check_args
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/lm.py", "Experiment config file.",
                                 lock_config=True)
@@ -33,13 +35,7 @@ flags.DEFINE_string("platform", None, "Force a JAX platform (cpu, gpu, tpu).")
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  if not FLAGS.workdir:
-    print("error: --workdir is required: a directory for this run's checkpoints and logs "
-          "(e.g. --workdir=runs/default)", file=sys.stderr)
-    sys.exit(1)
+  check_args(argv, FLAGS.workdir, "a directory for this run's checkpoints and logs")
   import jax
 
   if FLAGS.platform:

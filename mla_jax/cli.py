@@ -39,6 +39,17 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   sys.exit(1)
 
 
+def check_args(argv: list[str], workdir: str | None, what: str) -> None:
+  """Exits with one line for stray positional arguments (2) or a missing --workdir (1);
+  `what` says what the workdir is, e.g. 'the directory train.py wrote'."""
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  if not workdir:
+    print(f"error: --workdir is required: {what} (e.g. --workdir=runs/default)", file=sys.stderr)
+    sys.exit(1)
+
+
 def help_text(argv: list[str]) -> str:
   """The main module's docstring, its flags with defaults and, for a --config flag, every config
   field with its value (after --config=FILE[:ARG] if given): what --config.x=y can override."""

@@ -158,6 +158,7 @@ class TrainConfig(_Group):
   on_nonfinite: str = "stop"  # stop | skip
   allow_config_change: bool = False  # resume a workdir with shape-preserving model changes
   peak_flops: float = 0.0  # per device, for MFU; 0: measure a matmul at start
+  log_health: bool = True  # per-layer gradient / update / activation statistics at log steps
 
   def __post_init__(self):
     self._ints(("steps", "global_batch", "microbatches", "log_every", "eval_every", "ckpt_every",

@@ -23,10 +23,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from absl import logging
+
   from mla_jax import Workdir, generate
   from mla_jax.storage.checkpoint import quiet_orbax_logs
   from mla_jax.storage.workdir import WorkdirError
 
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   quiet_orbax_logs()
   try:
     wd = Workdir.open(FLAGS.workdir)

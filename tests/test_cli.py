@@ -269,3 +269,19 @@ def test_workdir_opens_once_for_everything(finished):
   assert wd.steps == [3, 6] and wd.finished and wd.resolve_step("latest") == 6
   assert wd.tokenizer().name == "bytes" and wd.model_config.n_layers == 2
   assert wd.meta(6)["step"] == 6 and wd.resolve_step("best") in (3, 6)
+
+
+def test_health_metrics_are_logged_per_layer_and_finite(finished):
+  import math
+
+  records = [r for r in logger_lib.read_metrics(finished[0]) if "loss" in r]
+  health = {k: v for k, v in records[-1].items() if k.startswith("health/")}
+  for layer in (0, 1):  # size=tiny: 2 layers of MLA
+    for stat in ("max_logit", "latent_rms", "q_rms", "k_rope_rms"):
+      assert f"health/L{layer}/{stat}" in health
+    for param in ("attn.wkv_a", "attn.wkv_b", "attn.wo", "mlp.down"):
+      assert f"health/grad_norm/L{layer}/{param}" in health
+      assert 0 < health[f"health/update_ratio/L{layer}/{param}"] < 1
+  assert "health/grad_norm/embed.table" in health
+  assert all(math.isfinite(v) for v in health.values())
+  assert health["health/L0/latent_rms"] == pytest.approx(1.0, rel=0.2)  # kv_norm's output

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax.core import cache as cache_lib
+from mla_jax.core import probes
 from mla_jax.core.cache import schedule_after
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.layers import RMSNorm, apply_rope, dense, param, rope_angles
@@ -54,7 +55,9 @@ def causal_attention(t: int, block: int, scores, attend) -> jax.Array:
   for start in range(0, t, block or t):
     end = min(start + (block or t), t)
     visible = jnp.arange(end) <= jnp.arange(start, end)[:, None]  # [rows, end]
-    probs = jax.nn.softmax(jnp.where(visible, scores(slice(start, end), end), _NEG), axis=-1)
+    logits = jnp.where(visible, scores(slice(start, end), end), _NEG)
+    probes.record("max_logit", logits.max())  # training health (no-op unless probing)
+    probs = jax.nn.softmax(logits, axis=-1)
     outs.append(attend(end, probs))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
@@ -89,6 +92,8 @@ class GQAttention(nnx.Module):
     cos, sin = rope_angles(positions, cfg.qk_head_dim, cfg.rope_theta)
     q = apply_rope(q, cos, sin, cfg.rope_layout)
     k = apply_rope(k, cos, sin, cfg.rope_layout)
+    probes.record("q_rms", probes.rms(q))
+    probes.record("k_rms", probes.rms(k))
     b, t, h, kd = q.shape
     g = k.shape[2]
     q = q.reshape(b, t, g, h // g, kd)  # M = H / G query heads per kv head
@@ -293,6 +298,10 @@ class MLAttention(nnx.Module):
     """
     cfg, dt = self.cfg, self.cfg.compute_dtype
     q_nope, q_rope, latent, k_rope = self._project(x, positions)
+    if probes.active():  # training health: the latent after kv_norm, queries, the rope key
+      probes.record("latent_rms", probes.rms(latent))
+      probes.record("q_rms", probes.rms(jnp.concatenate([q_nope, q_rope], axis=-1)))
+      probes.record("k_rope_rms", probes.rms(k_rope))
     if impl is None:
       one_token = cache is not None and x.shape[1] == 1
       impl = cfg.mla_decode_impl if one_token else cfg.mla_prefill_impl

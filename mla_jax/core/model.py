@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from mla_jax.core import cache as cache_lib
+from mla_jax.core import probes
 from mla_jax.core.attention import GQAttention, MLAttention
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.layers import MLP, Embed, RMSNorm, dense, param
@@ -75,7 +76,8 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.blocks):
       layer_cache = None if cache is None else cache.layers[i]
       lengths = None if cache is None else cache.lengths
-      x, layer_cache = run(block, x, positions, layer_cache, lengths)
+      with probes.scope(f"L{i}"):
+        x, layer_cache = run(block, x, positions, layer_cache, lengths)
       new_layers.append(layer_cache)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:

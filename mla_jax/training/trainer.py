@@ -39,6 +39,7 @@ from mla_jax.evaluation.report import write_run_plot
 from mla_jax.experiment import ExperimentConfig
 from mla_jax.storage.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from mla_jax.storage.workdir import TOKENIZER_DIR, Workdir
+from mla_jax.training.health import make_health_fn
 from mla_jax.training.logger import MetricsLogger, read_metrics
 from mla_jax.training.optim import make_optimizer
 from mla_jax.training.step import TrainState, make_train_step
@@ -246,6 +247,11 @@ def train(config, workdir: str) -> dict[str, Any]:
                     out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
                     donate_argnums=0)
   evaluator = Evaluator(graphdef, param_sh, mesh, t.global_batch, d.seq_len, rules)
+  health_fn = None
+  if t.log_health:  # a second jit, run at logging steps only
+    health_fn = jax.jit(make_health_fn(graphdef, tx, t.microbatches),
+                        in_shardings=(state_sh, batch_sh),
+                        out_shardings=NamedSharding(mesh, PartitionSpec()))
 
   n_params = count_params(nnx.merge(graphdef, abstract_params))
   flops_per_token = train_flops_per_token(model_cfg, n_params["total"], d.seq_len)
@@ -295,6 +301,11 @@ def train(config, workdir: str) -> dict[str, Any]:
                       lr=float(schedule(step - 1)), tokens_per_s=tok_s,
                       mfu=tok_s * flops_per_token / (peak * jax.device_count()))
         _check_finite(state, t.on_nonfinite, record, ckpt, logger)
+        if health_fn is not None:
+          health_start = time.perf_counter()
+          record.update({f"health/{k}": float(v)
+                         for k, v in jax.device_get(health_fn(state, batch)).items()})
+          eval_time += time.perf_counter() - health_start  # not training throughput either
       if step % t.eval_every == 0 or step == t.steps:
         # Steps dispatched so far may still be running: finish them first, or their time would
         # count as eval time and inflate the next logged tokens/s.
