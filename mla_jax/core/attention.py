@@ -256,18 +256,19 @@ class MLAttention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, h, std, dt = cfg.d_model, cfg.n_heads, cfg.init_std, cfg.params_dtype
     n, r, e, c, q = cfg.nope_dim, cfg.qk_rope_head_dim, cfg.v_dim, cfg.kv_lora_rank, cfg.q_lora_rank
+    up_std = cfg.mla_up_init_std or std
     self.cfg = cfg
     if q:
       self.wq_a = param(rngs, (d, q), ("embed", "q_latent"), std, dt)
       self.q_norm = RMSNorm(q, cfg.norm_eps, dt, rngs)
-      self.wq_b = param(rngs, (q, h, n + r), ("q_latent", "heads", "head_dim"), std, dt)
+      self.wq_b = param(rngs, (q, h, n + r), ("q_latent", "heads", "head_dim"), up_std, dt)
     else:
       self.wq = param(rngs, (d, h, n + r), ("embed", "heads", "head_dim"), std, dt)
     # Latent columns first, then the shared rope key (DeepSeek's kv_a_proj_with_mqa layout).
     self.wkv_a = param(rngs, (d, c + r), ("embed", "kv_latent"), std, dt)
     self.kv_norm = RMSNorm(c, cfg.norm_eps, dt, rngs)
     # Per head: W_UK (first N outputs) then W_UV (last E outputs).
-    self.wkv_b = param(rngs, (c, h, n + e), ("kv_latent", "heads", "head_dim"), std, dt)
+    self.wkv_b = param(rngs, (c, h, n + e), ("kv_latent", "heads", "head_dim"), up_std, dt)
     self.wo = param(rngs, (h, e, d), ("heads", "head_dim", "embed"), std / (2 * cfg.n_layers) ** .5,
                     dt)
 

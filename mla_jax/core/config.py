@@ -45,6 +45,9 @@ class ModelConfig:
   qk_nope_head_dim: int = 0  # N; 0 -> D // H
   qk_rope_head_dim: int = 16  # R
   v_head_dim: int = 0  # E; 0 -> D // H
+  # Init std of the up-projections wq_b and wkv_b, whose inputs are RMS-normalised latents;
+  # 0 -> init_std. An experiment knob for MLA's training stability (see training/health.py).
+  mla_up_init_std: float = 0.0
   mla_prefill_impl: str = "naive"  # path for multi-token queries (training, prefill)
   mla_decode_impl: str = "absorbed"  # path for one-token decode steps (MLA_DECODE_IMPLS)
   # Training / prefill without a cache runs causal attention in query blocks of this many tokens,
@@ -138,6 +141,8 @@ def _validate(c: ModelConfig) -> None:
       _fail(name, f"{getattr(c, name)!r} is not one of {tuple(DTYPES)}")
   if c.cache_dtype and c.cache_dtype not in DTYPES:
     _fail("cache_dtype", f"{c.cache_dtype!r} is not one of {tuple(DTYPES)} (or '' for dtype)")
+  if c.mla_up_init_std < 0:
+    _fail("mla_up_init_std", f"must be >= 0 (0: init_std), got {c.mla_up_init_std}")
   if c.norm_eps <= 0 or c.rope_theta <= 0 or c.init_std <= 0:
     _fail("norm_eps" if c.norm_eps <= 0 else "rope_theta" if c.rope_theta <= 0 else "init_std",
           "must be positive")
