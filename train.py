@@ -14,10 +14,8 @@ Multi-host (GPU clusters): add --coordinator_address=HOST:PORT --num_processes=N
 on every process (TPU pods need no flags: jax.distributed finds its peers).
 """
 
-import logging as pylogging
 import os
 import sys
-import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -53,13 +51,12 @@ def main(argv):
     summary = trainer.train(FLAGS.config, FLAGS.workdir)
   except (ValueError, OSError, trainer.NonFiniteError, trainer.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
-    # A failed async save leaves asyncio futures ('exception never retrieved') and orbax read
-    # coroutines ('never awaited') whose reports would come after this line at exit; the failure
-    # is reported above, and the error must stay the last line.
-    pylogging.getLogger("asyncio").disabled = True
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
-    sys.unraisablehook = lambda _: None  # orbax's teardown ('Event loop is closed') after it
-    sys.exit(1)
+    # The error must stay the last line. After a failed async save, orbax's threads and pending
+    # futures print tracebacks ('Event loop is closed', never-awaited coroutines) at interpreter
+    # teardown; the trainer has already closed its checkpointer and logs, so skip the teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
   if jax.process_index() == 0:
     print(trainer.summary_text(summary))
 

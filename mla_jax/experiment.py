@@ -66,6 +66,13 @@ class _Group:
       self._fail(name, f"{getattr(self, name)!r} is not one of {choices}")
 
 
+def resolve_source(source: str, path: str) -> str:
+  """The source actually read: 'auto' means text when a path is given, else stdlib."""
+  if source != "auto":
+    return source
+  return "text" if path else "stdlib"
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Group):
   """Where tokens come from (see data.corpus) and the training window."""
@@ -95,10 +102,7 @@ class DataConfig(_Group):
 
   @property
   def resolved_source(self) -> str:
-    """The source actually read: 'auto' means text when a path is given, else stdlib."""
-    if self.source != "auto":
-      return self.source
-    return "text" if self.path else "stdlib"
+    return resolve_source(self.source, self.path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import json
 import os
 import random
 import re
@@ -212,18 +211,10 @@ def run_parallel(jobs, workers: int = 4, **kw) -> list[Run]:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """metrics.jsonl of a run that may be writing it: a partial last line is skipped."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except ValueError:  # a line being written
-        pass
-  return out
+  """metrics.jsonl, also of a run still writing it (the library's reader skips a partial line)."""
+  from mla_jax.storage.workdir import read_metrics as read
+
+  return read(workdir)
 
 
 def last_logged_step(workdir: str) -> int:

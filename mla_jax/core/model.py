@@ -99,6 +99,13 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
   return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
+def path_names(path) -> list[str]:
+  """A jax tree path -> its key names ('blocks', '0', 'attn', 'wq'), without nnx's trailing
+  'value' (orbax metadata trees carry it)."""
+  keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  return keys[:-1] if keys and keys[-1] == "value" else keys
+
+
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """{'blocks.0.attn.wq': shape, ...} for every parameter array of cfg's model (no allocation)."""
   state = nnx.state(abstract_model(cfg))

@@ -213,7 +213,8 @@ def param_table(sweep, runs, match: bool = False) -> list[dict]:
 
 
 def is_finished(workdir: str, steps: int) -> bool:
-  return Workdir.exists(workdir) and Workdir.open(workdir).steps[-1:] == [steps]
+  """check_existing has made sure the workdir trains for `steps`."""
+  return Workdir.exists(workdir) and Workdir.open(workdir).finished
 
 
 def check_existing(workdir: str, steps: int) -> None:

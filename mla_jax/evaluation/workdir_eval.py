@@ -33,6 +33,7 @@ from mla_jax.core.model import count_params
 from mla_jax.data import corpus as data_lib
 from mla_jax.data import tokenizer as tok_lib
 from mla_jax.evaluation import decode_speed, metrics
+from mla_jax.experiment import resolve_source
 from mla_jax.storage.workdir import Workdir, WorkdirError
 
 CACHE_FILL_TOKENS = 64  # tokens written by model.extend to measure the cache
@@ -47,9 +48,8 @@ def parse_data(spec: str | None, config: dict) -> dict:
   load_corpus arguments."""
   d = config["data"]
   if not spec:
-    source = d["source"] if d["source"] != "auto" else ("text" if d.get("path") else "stdlib")
-    return dict(source=source, path=d.get("path", ""), val_fraction=d.get("val_fraction", .1),
-                max_bytes=d.get("max_bytes", 0))
+    return dict(source=resolve_source(d["source"], d.get("path", "")), path=d.get("path", ""),
+                val_fraction=d.get("val_fraction", .1), max_bytes=d.get("max_bytes", 0))
   source, _, path = spec.partition(":")
   if source not in ("stdlib", "text", "tokens"):
     raise EvalError(f"--data: unknown source {source!r} in {spec!r}; use stdlib, text:PATH or "

@@ -27,7 +27,7 @@ import jax
 from flax import nnx
 
 from mla_jax.core.config import ModelConfig
-from mla_jax.core.model import diff_param_shapes, param_shapes
+from mla_jax.core.model import diff_param_shapes, param_shapes, path_names
 from mla_jax.experiment import ExperimentConfig
 from mla_jax.storage.checkpoint import Checkpointer, abstract_with_shardings, checkpoint_steps
 
@@ -219,20 +219,26 @@ def _flat_shapes(tree) -> dict[str, tuple]:
   """orbax metadata tree -> {'blocks.0.attn.wq': shape}, the names param_shapes uses."""
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-    if keys and keys[-1] == "value":
-      keys = keys[:-1]
-    out[".".join(keys)] = tuple(leaf.shape)
+    out[".".join(path_names(path))] = tuple(leaf.shape)
   return out
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """workdir/metrics.jsonl as a list of records ({} for a run that has logged nothing)."""
+  """workdir/metrics.jsonl as a list of records ([] when nothing is logged yet; a partial last
+  line, being written by a running trainer, is left out)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:  # only the last line may be one a running trainer is writing
+        raise
+  return records
 
 
 def load_model(workdir: str, which: str | int = "latest", mesh=None) -> nnx.Module:

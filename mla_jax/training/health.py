@@ -20,14 +20,12 @@ import jax.numpy as jnp
 import optax
 
 from mla_jax.core import probes
-from mla_jax.core.model import token_losses
+from mla_jax.core.model import path_names, token_losses
 
 
 def group_name(path) -> str:
   """A parameter's tree path -> 'L<i>/<module>.<param>' inside blocks, else its dotted path."""
-  keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-  if keys and keys[-1] == "value":
-    keys = keys[:-1]
+  keys = path_names(path)
   if len(keys) > 2 and keys[0] == "blocks":
     return f"L{keys[1]}/{'.'.join(keys[2:])}"
   return ".".join(keys)
