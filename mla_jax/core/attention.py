@@ -131,8 +131,15 @@ class GQAttention(nnx.Module):
 
 def _rope_scores(q_rope: jax.Array, k_rope: jax.Array) -> jax.Array:
   """q_R . k_R of queries [B, T, H, R] against the ONE rope key per slot [B, S, R] -> [B, H, T, S]
-  float32: the same in both paths."""
-  return jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
+  float32: the same in both paths. With one rope key per KV group (MHA2MLA), k_rope [B, S, G, R]
+  and query head h reads key h // (H / G), as GQA does."""
+  if k_rope.ndim == 3:
+    return jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
+  b, t, h, r = q_rope.shape
+  g = k_rope.shape[2]
+  s = jnp.einsum("BTGMR,BSGR->BGMTS", q_rope.reshape(b, t, g, h // g, r), k_rope,
+                 preferred_element_type=jnp.float32)
+  return s.reshape(b, h, t, k_rope.shape[1])
 
 
 def mla_naive(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=None):
@@ -251,9 +258,11 @@ class MLAttention(nnx.Module):
 
   Keys and values come from one latent c = RMSNorm(x wkv_a[:, :C]) per token; positions enter
   through a decoupled rope part: R dims per query head and ONE rope key shared by all heads.
+  MHA2MLA conversions may keep one rope key per KV group (cfg.mla_rope_kv_heads), per-layer RoPE
+  frequencies (cfg.mla_rope_pairs, hence `layer`) and no latent norm (cfg.mla_latent_norm).
   """
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
     d, h, std, dt = cfg.d_model, cfg.n_heads, cfg.init_std, cfg.params_dtype
     n, r, e, c, q = cfg.nope_dim, cfg.qk_rope_head_dim, cfg.v_dim, cfg.kv_lora_rank, cfg.q_lora_rank
     up_std = cfg.mla_up_init_std or std
@@ -265,7 +274,8 @@ class MLAttention(nnx.Module):
     else:
       self.wq = param(rngs, (d, h, n + r), ("embed", "heads", "head_dim"), std, dt)
     # Latent columns first, then the shared rope key (DeepSeek's kv_a_proj_with_mqa layout).
-    self.wkv_a = param(rngs, (d, c + r), ("embed", "kv_latent"), std, dt)
+    self.wkv_a = param(rngs, (d, c + cfg.mla_rope_kv_heads * r), ("embed", "kv_latent"), std, dt)
+    self.rope_pairs = cfg.mla_layer_rope_pairs(layer)  # static ints (or None), not a parameter
     self.kv_norm = RMSNorm(c, cfg.norm_eps, dt, rngs)
     # Per head: W_UK (first N outputs) then W_UV (last E outputs).
     self.wkv_b = param(rngs, (c, h, n + e), ("kv_latent", "heads", "head_dim"), up_std, dt)
@@ -281,11 +291,26 @@ class MLAttention(nnx.Module):
       q = dense(self.q_norm(dense(x, w(self.wq_a))), w(self.wq_b))  # [B, T, H, N + R]
     else:
       q = dense(x, w(self.wq))
-    kv = dense(x, w(self.wkv_a))  # [B, T, C + R]
-    cos, sin = rope_angles(positions, cfg.qk_rope_head_dim, cfg.rope_theta)
-    rope = lambda a: apply_rope(a, cos, sin, cfg.rope_layout)
-    n, c = cfg.nope_dim, cfg.kv_lora_rank
-    return q[..., :n], rope(q[..., n:]), self.kv_norm(kv[..., :c]), rope(kv[..., c:])
+    kv = dense(x, w(self.wkv_a))  # [B, T, C + R] (or C + G_R * R)
+    n, c, r, g = cfg.nope_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.mla_rope_kv_heads
+    latent = self.kv_norm(kv[..., :c]) if cfg.mla_latent_norm else kv[..., :c]
+    if g == 1 and self.rope_pairs is None:  # DeepSeek's MLA
+      cos, sin = rope_angles(positions, r, cfg.rope_theta)
+      rope = lambda a: apply_rope(a, cos, sin, cfg.rope_layout)
+      return q[..., :n], rope(q[..., n:]), latent, rope(kv[..., c:])
+    # Per-group frequencies [G_R, R/2], computed as rope_angles does (bit-identical for the same
+    # pairs); query head h turns at its group's, h // (H / G_R).
+    if self.rope_pairs is None:
+      pairs, base = jnp.broadcast_to(jnp.arange(0, r // 2, dtype=jnp.float32), (g, r // 2)), r
+    else:
+      pairs, base = jnp.asarray(self.rope_pairs, jnp.float32), cfg.mla_rope_base_dim or r
+    inv_freq = cfg.rope_theta ** (-(2 * pairs) / base)
+    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, G_R, R/2]
+    per_head = jnp.repeat(angles, cfg.n_heads // g, axis=2)  # [B, T, H, R/2]
+    q_rope = apply_rope(q[..., n:], jnp.cos(per_head), jnp.sin(per_head), cfg.rope_layout)
+    k_rope = kv[..., c:].reshape(kv.shape[:-1] + (g, r))  # [B, T, G_R, R]
+    k_rope = apply_rope(k_rope, jnp.cos(angles), jnp.sin(angles), cfg.rope_layout)
+    return q[..., :n], q_rope, latent, k_rope if g > 1 else k_rope[..., 0, :]
 
   def __call__(self, x, positions, cache: cache_lib.LatentCache | None = None, lengths=None,
                impl: str | None = None):
@@ -306,7 +331,10 @@ class MLAttention(nnx.Module):
     if impl is None:
       one_token = cache is not None and x.shape[1] == 1
       impl = cfg.mla_decode_impl if one_token else cfg.mla_prefill_impl
-    attention = MLA_PATHS[resolve_mla_impl(impl, 0 if cache is None else cache.c.shape[1])]
+    impl = resolve_mla_impl(impl, 0 if cache is None else cache.c.shape[1])
+    if impl == "pallas" and cfg.mla_rope_kv_heads > 1:  # the kernel reads one shared rope key
+      impl = "absorbed"
+    attention = MLA_PATHS[impl]
     wkv_b, wo = self.wkv_b[...].astype(dt), self.wo[...].astype(dt)
     if cache is None:
       o = attention(q_nope, q_rope, latent, k_rope, wkv_b, block=cfg.attn_block)
@@ -316,7 +344,10 @@ class MLAttention(nnx.Module):
     past = (cache.c, cache.k_rope)  # the kernel casts tiles as it reads them: no converted copy
     if attention is not mla_pallas:
       past = (cache.c.astype(dt), cache.k_rope.astype(dt))
+    if k_rope.ndim == 4:  # per-group rope keys: cached flat [B, S, G_R * R]
+      past = (past[0], past[1].reshape(past[1].shape[:2] + k_rope.shape[2:]))
     o = attention(q_nope, q_rope, latent, k_rope, wkv_b, past=past, lengths=lengths)
     out = dense(o, wo, n_in=2)
+    k_flat = k_rope.reshape(k_rope.shape[:2] + (-1,))  # [B, T, R] or [B, T, G_R * R]
     return out, cache_lib.LatentCache(c=write_after(cache.c, latent, lengths, out),
-                                      k_rope=write_after(cache.k_rope, k_rope, lengths, out))
+                                      k_rope=write_after(cache.k_rope, k_flat, lengths, out))

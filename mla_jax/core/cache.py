@@ -34,7 +34,8 @@ class KVCache:
 
 @flax.struct.dataclass
 class LatentCache:
-  """One layer of MLA: c [B, S, C] (after its RMSNorm), k_rope [B, S, R] (after RoPE)."""
+  """One layer of MLA: c [B, S, C] (after its RMSNorm), k_rope [B, S, R] (after RoPE); with
+  mla_rope_kv_heads = G_R > 1, k_rope [B, S, G_R * R], one rotated key per KV group."""
   c: jax.Array
   k_rope: jax.Array
 
@@ -64,7 +65,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None) -> Cach
   dt = cfg.kv_cache_dtype
   if cfg.attention == "mla":
     layer = lambda: LatentCache(c=jnp.zeros((batch, s, cfg.kv_lora_rank), dt),
-                                k_rope=jnp.zeros((batch, s, cfg.qk_rope_head_dim), dt))
+                                k_rope=jnp.zeros((batch, s, cfg.mla_rope_kv_heads
+                                                  * cfg.qk_rope_head_dim), dt))
   else:
     shape = (batch, s, cfg.kv_heads, cfg.qk_head_dim)
     layer = lambda: KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))

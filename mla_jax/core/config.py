@@ -45,6 +45,13 @@ class ModelConfig:
   qk_nope_head_dim: int = 0  # N; 0 -> D // H
   qk_rope_head_dim: int = 16  # R
   v_head_dim: int = 0  # E; 0 -> D // H
+  # MHA2MLA conversions (interop/mha2mla.py, docs/interop.md); the defaults are DeepSeek's MLA.
+  mla_rope_kv_heads: int = 1  # rope keys per token: 1 = one shared key; G = one per KV group
+  # Kept RoPE frequencies: () -> pair i turns at theta^(-2i/R); else per layer, per rope key, the
+  # R/2 indices p of the frequencies theta^(-2p/mla_rope_base_dim) (partial RoPE keeps originals).
+  mla_rope_pairs: tuple = ()
+  mla_rope_base_dim: int = 0  # 0 -> R
+  mla_latent_norm: bool = True  # False: the latent is cached without kv_norm (exact conversions)
   # Init std of the up-projections wq_b and wkv_b, whose inputs are RMS-normalised latents;
   # 0 -> init_std. An experiment knob for MLA's training stability (see training/health.py).
   mla_up_init_std: float = 0.0
@@ -65,6 +72,8 @@ class ModelConfig:
   remat: bool = False  # rematerialise each block in the backward pass
 
   def __post_init__(self):
+    # config.json and ConfigDicts hold lists; a tuple keeps the config hashable (jit static).
+    object.__setattr__(self, "mla_rope_pairs", tuple(int(p) for p in self.mla_rope_pairs))
     _validate(self)
 
   # Derived sizes: resolved once here so modules never repeat the defaulting rules.
@@ -112,7 +121,19 @@ class ModelConfig:
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    out = dataclasses.asdict(self)
+    out["mla_rope_pairs"] = list(self.mla_rope_pairs)  # as config.json stores it
+    return out
+
+  def mla_layer_rope_pairs(self, layer: int) -> tuple[tuple[int, ...], ...] | None:
+    """Layer `layer`'s kept frequency indices, one R/2 tuple per rope key, or None for the
+    standard pairs (pair i turns at theta^(-2i/R) in every layer: layers.rope_angles)."""
+    if not self.mla_rope_pairs:
+      return None
+    g, half = self.mla_rope_kv_heads, self.qk_rope_head_dim // 2
+    per_layer = g * half
+    flat = self.mla_rope_pairs[layer * per_layer:(layer + 1) * per_layer]
+    return tuple(flat[i * half:(i + 1) * half] for i in range(g))
 
   def diff(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
     """Fields whose values differ: {name: (self's, other's)}."""
@@ -175,9 +196,27 @@ def _validate_mla(c: ModelConfig) -> None:
   if not (c.qk_nope_head_dim and c.v_head_dim) and c.d_model % c.n_heads:
     _fail("qk_nope_head_dim", f"d_model={c.d_model} is not divisible by n_heads={c.n_heads}; "
           "set qk_nope_head_dim and v_head_dim")
+  g = c.mla_rope_kv_heads
+  if not isinstance(g, int) or g < 1 or c.n_heads % g:
+    _fail("mla_rope_kv_heads", f"must be a positive divisor of n_heads={c.n_heads}, got {g!r}")
+  if c.mla_rope_base_dim < 0 or c.mla_rope_base_dim % 2:
+    _fail("mla_rope_base_dim", f"must be a non-negative even number, got {c.mla_rope_base_dim}")
+  if c.mla_rope_pairs:
+    want = c.n_layers * g * (c.qk_rope_head_dim // 2)
+    base = c.mla_rope_base_dim or c.qk_rope_head_dim
+    if len(c.mla_rope_pairs) != want:
+      _fail("mla_rope_pairs", f"has {len(c.mla_rope_pairs)} entries; n_layers x mla_rope_kv_heads "
+            f"x qk_rope_head_dim/2 = {want}")
+    if min(c.mla_rope_pairs) < 0 or max(c.mla_rope_pairs) >= base // 2:
+      _fail("mla_rope_pairs", f"indices must lie in [0, {base // 2}) (mla_rope_base_dim / 2)")
+  if g > 1 and c.mla_decode_impl == "pallas":
+    _fail("mla_decode_impl", "'pallas' reads one shared rope key; mla_rope_kv_heads > 1 needs "
+          "'absorbed' or 'naive'")
   # The rope part is the positional half of each head (DeepSeek: R=64 against N=128); a rope part
-  # wider than the per-head content part is almost always a typo for the head dim.
-  if c.qk_rope_head_dim > c.nope_dim:
+  # wider than the per-head content part is almost always a typo for the head dim. Conversions
+  # (per-group rope keys or kept frequencies) may keep more of a head rotated than not.
+  converted = g > 1 or c.mla_rope_pairs
+  if c.qk_rope_head_dim > c.nope_dim and not converted:
     _fail("qk_rope_head_dim", f"{c.qk_rope_head_dim} is larger than the head dim "
           f"qk_nope_head_dim={c.nope_dim}")
   if c.attn_block < 0:
@@ -190,11 +229,12 @@ def _validate_mla(c: ModelConfig) -> None:
 def kv_cache_bytes_per_token(c: ModelConfig) -> int:
   """Analytic KV-cache bytes per token, all layers (docs/model.md).
 
-  GQA family: 2 * G * K * L elements (K and V per kv head); MLA: (C + R) * L elements
-  (the normalised latent plus one shared, already-rotated rope key).
+  GQA family: 2 * G * K * L elements (K and V per kv head); MLA: (C + R_keys * R) * L elements
+  (the normalised latent plus the already-rotated rope keys: one shared key in DeepSeek's MLA,
+  one per KV group, R_keys = mla_rope_kv_heads, in MHA2MLA conversions).
   """
   if c.attention == "mla":
-    elements = (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layers
+    elements = (c.kv_lora_rank + c.mla_rope_kv_heads * c.qk_rope_head_dim) * c.n_layers
   else:
     elements = 2 * c.kv_heads * c.qk_head_dim * c.n_layers
   return elements * jnp.dtype(c.kv_cache_dtype).itemsize

@@ -22,9 +22,12 @@ from mla_jax.core.layers import MLP, Embed, RMSNorm, dense, param
 class Block(nnx.Module):
   """x + attn(norm(x)), then + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.params_dtype, rngs)
-    self.attn = (MLAttention if cfg.attention == "mla" else GQAttention)(cfg, rngs)
+    if cfg.attention == "mla":
+      self.attn = MLAttention(cfg, rngs, layer=layer)  # layer: its kept rope frequencies
+    else:
+      self.attn = GQAttention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.params_dtype, rngs)
     self.mlp = MLP(cfg, rngs)
 
@@ -48,7 +51,7 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = Embed(cfg, rngs)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.blocks = nnx.List([Block(cfg, rngs, i) for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.params_dtype, rngs)
     if not cfg.tie_embeddings:
       self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
