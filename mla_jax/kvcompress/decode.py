@@ -1,0 +1,197 @@
+"""The model run against a budget cache: prefill in chunks, one jitted decode step, a streaming
+scorer and greedy generation, all with fixed shapes (each traces once per policy and shape).
+
+    policy = kvcompress.make("h2o", budget=128)
+    cache = budget.init_cache(cfg, policy, batch=1, context=4096)
+    logits, cache = prefill(model, cache, prompt, policy)        # prompt [B, P], chunks <= budget
+    logits, cache = decode_step(graphdef, state, cache, tok, policy)   # tok [B, 1]
+
+Attention is the model's own (its parameters, RoPE, absorbed MLA), written here over the [B, G,
+S, W] budget layout so that it also returns the attention each slot drew: the policies' scores.
+The new tokens attend over the slots in use and themselves with one softmax (attention.
+causal_probs), then are inserted (evict.py). MLA scores come from the absorbed path: one
+head-averaged score per latent slot.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mla_jax.core.attention import causal_probs
+from mla_jax.core.layers import apply_rope, dense, rope_angles
+from mla_jax.kvcompress import budget as budget_lib
+from mla_jax.kvcompress import evict
+from mla_jax.kvcompress.policy import Policy
+
+TRACES: dict = {}  # (function, policy, shape) -> times traced: tests check the step traces once
+
+
+def _rerotate(x, layer, cfg):
+  """'cache' positions: keys x [B, G, S, W] stored rotated at `rot`, turned to their rank `pos`."""
+  cos, sin = rope_angles(layer["pos"] - layer["rot"], x.shape[-1], cfg.rope_theta)
+  return apply_rope(x, cos, sin, cfg.rope_layout)
+
+
+def _gqa(attn, x, qpos, layer, cache, policy, specs):
+  """MHA / GQA / MQA over the budget cache: x [B, T, D] -> (out [B, T, D], layer)."""
+  cfg, dt = attn.cfg, attn.cfg.compute_dtype
+  c = lambda p: p[...].astype(dt)
+  q, k, v = dense(x, c(attn.wq)), dense(x, c(attn.wk)), dense(x, c(attn.wv))  # [B, T, H|G, K]
+  cos, sin = rope_angles(qpos, cfg.qk_head_dim, cfg.rope_theta)
+  q, k = apply_rope(q, cos, sin, cfg.rope_layout), apply_rope(k, cos, sin, cfg.rope_layout)
+  k, v = k.astype(cfg.kv_cache_dtype).astype(dt), v.astype(cfg.kv_cache_dtype).astype(dt)
+  read = lambda spec: budget_lib.read(layer, spec, policy, cache.n_seen, cache.n_valid, dt)
+  k_old, v_old = read(specs[0]), read(specs[1])  # [B, G, S, K]
+  if policy.positions == "cache":
+    k_old = _rerotate(k_old, layer, cfg)
+  b, t, h, kd = q.shape
+  g = k.shape[2]
+  qg = q.reshape(b, t, g, h // g, kd)
+  scale = kd ** -0.5
+  s_old = jnp.einsum("BTGMK,BGSK->BGMTS", qg, k_old, preferred_element_type=jnp.float32) * scale
+  s_new = jnp.einsum("BTGMK,BUGK->BGMTU", qg, k, preferred_element_type=jnp.float32) * scale
+  p_old, p_new = causal_probs(s_new, s_old, cache.n_valid)
+  o = (jnp.einsum("BGSK,BGMTS->BTGMK", v_old, p_old.astype(dt))
+       + jnp.einsum("BUGK,BGMTU->BTGMK", v, p_new.astype(dt)))
+  out = dense(o.reshape(b, t, h, kd), c(attn.wo), n_in=2)
+  aux = jnp.zeros((b, g, t), jnp.float32)
+  if policy.name == "l2norm":
+    aux = jnp.linalg.norm(k.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+  elif policy.name == "vatp":
+    aux = jnp.abs(v.astype(jnp.float32)).sum(-1).transpose(0, 2, 1)
+  new = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}
+  return out, evict.update_layer(layer, specs, policy, new, p_old.mean(2), p_new.mean(2), aux,
+                                 qpos, cache.n_seen, cache.n_valid, cfg.kv_cache_dtype)
+
+
+def _mla(attn, x, qpos, layer, cache, policy, specs):
+  """MLA over the budget cache, absorbed path (scores per latent slot, averaged over heads)."""
+  cfg, dt = attn.cfg, attn.cfg.compute_dtype
+  q_nope, q_rope, latent, k_rope = attn._project(x, qpos)
+  latent = latent.astype(cfg.kv_cache_dtype).astype(dt)
+  k_rope = k_rope.astype(cfg.kv_cache_dtype).astype(dt)
+  read = lambda spec: budget_lib.read(layer, spec, policy, cache.n_seen, cache.n_valid, dt)
+  c_old, kr_old = read(specs[0]), read(specs[1])  # [B, 1, S, C], [B, 1, S, R]
+  if policy.positions == "cache":
+    kr_old = _rerotate(kr_old, layer, cfg)
+  c_old, kr_old = c_old[:, 0], kr_old[:, 0]
+  if policy.quant != "none":  # DeepSeek's cache keeps the rope key in bfloat16
+    k_rope = k_rope.astype(jnp.bfloat16).astype(dt)
+  n = cfg.nope_dim
+  wkv_b, wo = attn.wkv_b[...].astype(dt), attn.wo[...].astype(dt)
+  w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
+  scale = (n + cfg.qk_rope_head_dim) ** -0.5
+  q_c = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
+
+  def scores(c_, kr):  # [B, S, C], [B, S, R] -> [B, H, T, S]
+    return (jnp.einsum("BTHC,BSC->BHTS", q_c, c_, preferred_element_type=jnp.float32)
+            + jnp.einsum("BTHR,BSR->BHTS", q_rope, kr, preferred_element_type=jnp.float32)) * scale
+
+  p_old, p_new = causal_probs(scores(latent, k_rope), scores(c_old, kr_old), cache.n_valid)
+  o = (jnp.einsum("BSC,BHTS->BTHC", c_old, p_old.astype(dt))
+       + jnp.einsum("BSC,BHTS->BTHC", latent, p_new.astype(dt)))
+  out = dense(jnp.einsum("BTHC,CHE->BTHE", o, w_uv), wo, n_in=2)
+  b, t = x.shape[:2]
+  aux = jnp.zeros((b, 1, t), jnp.float32)
+  if policy.name == "l2norm":  # the absorbed path's key is [c; k_R]
+    aux = jnp.linalg.norm(jnp.concatenate([latent, k_rope], -1).astype(jnp.float32), axis=-1)
+    aux = aux[:, None]
+  elif policy.name == "vatp":  # per-head values W_UV,h c: L1 norm averaged over heads
+    values = jnp.einsum("BTC,CHE->BTHE", latent.astype(jnp.float32), w_uv.astype(jnp.float32))
+    aux = jnp.abs(values).sum(-1).mean(-1)[:, None]
+  new = {"c": latent[:, None], "kr": k_rope[:, None]}
+  return out, evict.update_layer(layer, specs, policy, new, p_old.mean(1)[:, None],
+                                 p_new.mean(1)[:, None], aux, qpos, cache.n_seen, cache.n_valid,
+                                 cfg.kv_cache_dtype)
+
+
+def extend(model, cache: budget_lib.BudgetCache, tokens: jax.Array, policy: Policy):
+  """tokens [B, T] appended to the budget cache -> (logits [B, T, V] float32, cache)."""
+  cfg = model.cfg
+  t = tokens.shape[1]
+  specs = budget_lib.array_specs(cfg, policy)
+  base = cache.n_seen if policy.positions == "original" else cache.n_valid
+  qpos = base[:, None] + jnp.arange(t, dtype=jnp.int32)
+  run = _mla if cfg.attention == "mla" else _gqa
+  x = model.embed(tokens)
+  layers = []
+  for block, layer in zip(model.blocks, cache.layers):
+    h, layer = run(block.attn, block.attn_norm(x), qpos, layer, cache, policy, specs)
+    x = x + h
+    x = x + block.mlp(block.mlp_norm(x))
+    layers.append(layer)
+  x = model.final_norm(x)
+  if cfg.tie_embeddings:
+    logits = model.embed.attend(x)
+  else:
+    logits = dense(x, model.head[...].astype(cfg.compute_dtype))
+  return logits.astype(jnp.float32), budget_lib.BudgetCache(
+      layers=tuple(layers), n_seen=cache.n_seen + t,
+      n_valid=jnp.minimum(cache.n_valid + t, cache.budget))
+
+
+def _count(name, policy, shape):
+  key = (name, policy, shape)
+  TRACES[key] = TRACES.get(key, 0) + 1
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=2)
+def extend_jit(graphdef, state, cache, tokens, policy: Policy):
+  """extend under jit: a prefill chunk (T > 1) or a decode step (T = 1)."""
+  _count("extend", policy, tokens.shape)
+  return extend(nnx.merge(graphdef, state), cache, tokens, policy)
+
+
+def decode_step(graphdef, state, cache, tokens, policy: Policy):
+  """tokens [B, 1] -> (logits [B, V], cache). Traces once per policy and batch."""
+  logits, cache = extend_jit(graphdef, state, cache, tokens, policy)
+  return logits[:, -1], cache
+
+
+def prefill(model, cache, tokens, policy: Policy, chunk: int = 0):
+  """tokens [B, P] in chunks of `chunk` (default: the budget) so that no chunk holds more than
+  budget + chunk slots at once -> (logits [B, P, V], cache)."""
+  graphdef, state = nnx.split(model)
+  chunk = chunk or cache.budget
+  outs = []
+  for start in range(0, tokens.shape[1], chunk):
+    logits, cache = extend_jit(graphdef, state, cache, jnp.asarray(tokens[:, start:start + chunk],
+                                                                   jnp.int32), policy)
+    outs.append(logits)
+  return jnp.concatenate(outs, axis=1), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=2)
+def stream_losses(graphdef, state, cache, tokens, policy: Policy):
+  """Teacher-forced token-by-token decode: tokens [B, N + 1] -> (nats [B, N] of tokens[:, 1:],
+  cache). One lax.scan of decode steps: the step traces once, whatever N."""
+  _count("stream", policy, tokens.shape)
+  model = nnx.merge(graphdef, state)
+
+  def step(cache, pair):
+    logits, cache = extend(model, cache, pair[0][:, None], policy)
+    logp = jax.nn.log_softmax(logits[:, -1])
+    return cache, -jnp.take_along_axis(logp, pair[1][:, None], axis=-1)[:, 0]
+
+  cache, nats = jax.lax.scan(step, cache, (tokens[:, :-1].T, tokens[:, 1:].T))
+  return nats.T, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=2)
+def greedy(graphdef, state, cache, first, policy: Policy, steps: int):
+  """Greedy continuation: first [B] token ids (argmax after the prompt) -> [B, steps] tokens."""
+  _count("greedy", policy, (first.shape, steps))
+  model = nnx.merge(graphdef, state)
+
+  def step(carry, _):
+    cache, tok = carry
+    logits, cache = extend(model, cache, tok[:, None], policy)
+    nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    return (cache, nxt), tok
+
+  (cache, _), toks = jax.lax.scan(step, (cache, first), None, length=steps)
+  return toks.T, cache
