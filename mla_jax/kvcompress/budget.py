@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from mla_jax.core.config import ModelConfig
 from mla_jax.kvcompress import quant
-from mla_jax.kvcompress.policy import Policy
+from mla_jax.kvcompress.policy import Policy, PolicyError
 
 BOOKKEEPING = (("pos", jnp.int32), ("rot", jnp.int32), ("score", jnp.float32),
                ("aux", jnp.float32))
@@ -83,8 +83,18 @@ def _array_init(spec: ArraySpec, lead: tuple, s: int, policy: Policy, dtype) -> 
           f"{spec.name}_z": jnp.zeros(scales, quant.SCALE_DTYPE)}
 
 
+def check_model(cfg: ModelConfig) -> None:
+  """MHA2MLA conversions with one rope key per KV group or per-layer frequencies are not covered
+  (the budget cache holds one rope key per slot, rotated with the standard frequencies)."""
+  if cfg.attention == "mla" and (getattr(cfg, "mla_rope_kv_heads", 1) != 1
+                                 or getattr(cfg, "mla_rope_pairs", ())):
+    raise PolicyError("--cache_policy: MLA models with mla_rope_kv_heads > 1 or mla_rope_pairs "
+                      "(MHA2MLA conversions) are not supported by the budget cache")
+
+
 def init_cache(cfg: ModelConfig, policy: Policy, batch: int, context: int) -> BudgetCache:
   """An empty cache of min(budget, context) slots (budget 0: context slots, nothing evicted)."""
+  check_model(cfg)
   s = min(policy.budget or context, context)
   lead = (batch, kv_groups(cfg))
   dtype = cfg.kv_cache_dtype

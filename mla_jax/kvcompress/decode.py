@@ -79,8 +79,6 @@ def _mla(attn, x, qpos, layer, cache, policy, specs):
   if policy.positions == "cache":
     kr_old = _rerotate(kr_old, layer, cfg)
   c_old, kr_old = c_old[:, 0], kr_old[:, 0]
-  if policy.quant != "none":  # DeepSeek's cache keeps the rope key in bfloat16
-    k_rope = k_rope.astype(jnp.bfloat16).astype(dt)
   n = cfg.nope_dim
   wkv_b, wo = attn.wkv_b[...].astype(dt), attn.wo[...].astype(dt)
   w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
