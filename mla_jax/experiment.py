@@ -163,6 +163,9 @@ class TrainConfig(_Group):
   allow_config_change: bool = False  # resume a workdir with shape-preserving model changes
   peak_flops: float = 0.0  # per device, for MFU; 0: measure a matmul at start
   log_health: bool = True  # per-layer gradient / update / activation statistics at log steps
+  # Fine-tuning: a workdir (e.g. scripts/import_hf.py's or convert_mha2mla.py's) whose latest
+  # checkpoint initialises the model; its model config and tokenizer replace this config's.
+  init_from: str = ""
 
   def __post_init__(self):
     self._ints(("steps", "global_batch", "microbatches", "log_every", "eval_every", "ckpt_every",

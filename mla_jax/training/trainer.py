@@ -38,7 +38,7 @@ from mla_jax.evaluation.perf import measure_peak_flops, train_flops_per_token
 from mla_jax.evaluation.report import write_run_plot
 from mla_jax.experiment import ExperimentConfig
 from mla_jax.storage.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
-from mla_jax.storage.workdir import TOKENIZER_DIR, Workdir
+from mla_jax.storage.workdir import TOKENIZER_DIR, Workdir, WorkdirError
 from mla_jax.training.health import make_health_fn
 from mla_jax.training.logger import MetricsLogger, read_metrics
 from mla_jax.training.optim import make_optimizer
@@ -120,6 +120,22 @@ def check_workdir(workdir: str, config_dict: dict, model_cfg: ModelConfig, allow
        "model": {k: [a, b] for k, (a, b) in sorted(diff.items())}})
 
 
+def init_from_workdir(exp: ExperimentConfig) -> tuple[ExperimentConfig, Workdir]:
+  """train.init_from: the model (every field) and the tokenizer kind come from that workdir, the
+  data, optimiser and loop from this config. Returns (the experiment with that model, the
+  Workdir); a workdir without a checkpoint is a ValueError naming train.init_from."""
+  try:
+    wd = Workdir.open(exp.train.init_from)
+    wd.resolve_step("latest")
+    src = wd.experiment
+  except WorkdirError as e:
+    raise ValueError(f"train.init_from: {e}") from None
+  config = exp.to_dict()
+  config["model"] = dict(wd.config["model"])
+  config["data"].update(tokenizer=src.data.tokenizer, vocab_size=src.data.vocab_size)
+  return ExperimentConfig.from_config(config), wd
+
+
 def epochs(exp: ExperimentConfig, train_tokens: int) -> float:
   """How many times the run sees its training split."""
   return exp.train.steps * exp.train.global_batch * exp.data.seq_len / max(train_tokens, 1)
@@ -176,14 +192,20 @@ def train(config, workdir: str) -> dict[str, Any]:
   run already finished is reported and left unchanged.
   """
   exp = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_config(config)
+  init_wd = None
+  if exp.train.init_from:
+    exp, init_wd = init_from_workdir(exp)
   t, d, o = exp.train, exp.data, exp.optim
   sizes, rules = check_config(exp)
   warmup = o.warmup(t.steps)
   is_main = jax.process_index() == 0
 
   tok_dir = os.path.join(workdir, TOKENIZER_DIR)
+  read_tok_dir = tok_dir
+  if init_wd is not None and not os.path.isdir(tok_dir):
+    read_tok_dir = init_wd.tokenizer_dir  # the initial model's vocabulary; saved here below
   corpus = data_lib.load_corpus(d.resolved_source, d.path, d.tokenizer, d.vocab_size,
-                                tokenizer_dir=tok_dir, val_fraction=d.val_fraction,
+                                tokenizer_dir=read_tok_dir, val_fraction=d.val_fraction,
                                 max_bytes=d.max_bytes)
   data_lib.check_lengths(corpus, d.seq_len)
   model_cfg = exp.model_config(corpus.vocab_size)
@@ -225,6 +247,11 @@ def train(config, workdir: str) -> dict[str, Any]:
   restored = ckpt.restore_latest_good(abstract_state.params, _opt_item(abstract_state), it)
   if restored is None:
     state = jax.jit(init, out_shardings=state_sh)()
+    if init_wd is not None:  # fine-tuning: its parameters, restored straight into their shardings
+      params = nnx.state(init_wd.load_model("latest", mesh, rules), nnx.Param)
+      state = state.replace(params=jax.device_put(params, state_sh.params))
+      log.warning("train.init_from: initialised from %s step %d", init_wd.path,
+                  init_wd.resolve_step("latest"))
   else:
     _, params, opt, _ = restored
     state = TrainState(params=params, **opt)

@@ -1,0 +1,61 @@
+r"""Convert an MHA / GQA / MQA workdir into an MLA workdir (MHA2MLA: partial RoPE + low-rank SVD).
+
+  python3 scripts/convert_mha2mla.py --src=runs/mha --dst=runs/mha2mla --rope_dims=16 \
+      --kv_rank=64 --rope_strategy=2norm [--svd=joint|split] [--calib_batches=4]
+
+Keeps R = --rope_dims of each KV head's dims rotated (pairs chosen by --rope_strategy: high, low,
+uniform, or 2norm, ranked on --calib_batches batches of the source's training data), one rope key
+per KV head, and factors the rest of the keys and the values into a --kv_rank latent. Prints the
+cache bytes per token before and after. The result is a workdir like any other: eval.py, generate,
+and train.py --config.train.init_from=DST to fine-tune it (docs/interop.md).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("src", None, "Source workdir (MHA, GQA or MQA).")
+flags.DEFINE_string("dst", None, "New MLA workdir to write (must not exist).")
+flags.DEFINE_integer("rope_dims", None, "R: rotated dims kept per head (even, <= head_dim).")
+flags.DEFINE_integer("kv_rank", None, "C: latent rank.")
+flags.DEFINE_enum("rope_strategy", "2norm", ["high", "low", "uniform", "2norm"],
+                  "Which frequency pairs keep RoPE.")
+flags.DEFINE_enum("svd", "joint", ["joint", "split"], "One latent for keys and values, or two.")
+flags.DEFINE_integer("calib_batches", 4, "Calibration batches (8 sequences each) for 2norm.")
+flags.DEFINE_string("which", "latest", "Source checkpoint: latest, best or a step number.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --dst.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from absl import logging
+
+  from mla_jax.interop.mha2mla import convert
+  from mla_jax.storage.checkpoint import quiet_orbax_logs
+
+  logging.set_verbosity(logging.WARNING)
+  quiet_orbax_logs()
+  missing = [f"--{n}" for n in ("src", "dst", "rope_dims", "kv_rank") if getattr(FLAGS, n) is None]
+  if missing:
+    print(f"error: {missing[0]} is required", file=sys.stderr)
+    sys.exit(1)
+  try:
+    out = convert(FLAGS.src, FLAGS.dst, FLAGS.rope_dims, FLAGS.kv_rank, FLAGS.rope_strategy,
+                  FLAGS.svd, FLAGS.calib_batches, FLAGS.which, overwrite=FLAGS.overwrite)
+  except (ValueError, OSError) as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    sys.exit(1)
+  print(f"converted {FLAGS.src} ({out['src_attention']}, {out['src_kv_heads']} kv heads) -> "
+        f"{FLAGS.dst}: MLA C={out['kv_rank']} R={out['rope_dims']} x {out['src_kv_heads']} rope "
+        f"keys, {out['rope_strategy']}, svd {out['svd']} (exact at C >= {out['exact_rank']}); "
+        f"KV cache {out['src_cache_bytes']} -> {out['dst_cache_bytes']} bytes/token "
+        f"({100 * out['cache_fraction']:.1f}%), {out['seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+  from mla_jax.cli import parse_flags_or_exit
+
+  app.run(main, flags_parser=parse_flags_or_exit)
