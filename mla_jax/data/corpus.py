@@ -249,7 +249,6 @@ def load_corpus(source: str = 'stdlib', path: str = '', tokenizer: str = 'bytes'
       tok = tok_lib.load_tokenizer(tok_dir)
     return dataclasses.replace(corpus, tokenizer=tok)
 
-  tok_lib.check_tokenizer_args(tokenizer, vocab_size)
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f'data.val_fraction: must be in (0, 1), got {val_fraction}')
   tok = None
@@ -259,6 +258,10 @@ def load_corpus(source: str = 'stdlib', path: str = '', tokenizer: str = 'bytes'
     if tok.name != tokenizer:
       raise ValueError(f"data.tokenizer: {tokenizer!r} but {tok_dir!r} holds a "
                        f"{tok.name!r} tokenizer; use a new workdir")
+  else:
+    # Only a tokenizer about to be built needs valid build arguments (a saved BPE, e.g. one
+    # imported from Hugging Face, is used whatever data.vocab_size says).
+    tok_lib.check_tokenizer_args(tokenizer, vocab_size)
 
   if source == 'stdlib':
     train_text, val_text = _read_stdlib(max_bytes)

@@ -67,9 +67,7 @@ def experiment_dict(cfg: ModelConfig, tokenizer_vocab: int = 0) -> dict[str, Any
   config["data"]["source"] = "stdlib"
   config["data"]["seq_len"] = min(config["data"]["seq_len"], cfg.max_seq_len)
   if tokenizer_vocab:
-    # data.vocab_size is only read to build a new BPE (the saved one is loaded instead), but it is
-    # checked against BPE's minimum first, which a tiny imported vocabulary may be under.
-    config["data"].update(tokenizer="bpe", vocab_size=max(tokenizer_vocab, 257))
+    config["data"].update(tokenizer="bpe", vocab_size=tokenizer_vocab)
   config["train"]["steps"] = 1  # nominal: checkpoint 0 is the imported model, not a finished run
   return config
 
