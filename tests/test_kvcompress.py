@@ -13,10 +13,10 @@ from flax import nnx
 from model_helpers import FAST_COMPILE, random_module, tiny
 
 from mla_jax.core.model import Transformer
-from mla_jax.kvcompress import budget, decode, evict, make
+from mla_jax.kvcompress import budget, decode, evict, fastgen, make
 from mla_jax.kvcompress.policy import PolicyError, parse_budget
 
-EVICTING = ("streaming", "h2o", "tova", "snapkv", "l2norm", "vatp")
+EVICTING = ("streaming", "h2o", "tova", "snapkv", "l2norm", "vatp", "fastgen")
 
 
 def _model(attention):
@@ -92,6 +92,32 @@ def test_cache_holds_its_budget_sinks_and_window_at_every_step(attention):
         assert {0, 1, last - 2, last - 1, last} <= kept, (p.name, last, sorted(kept))
         if p.name == "streaming" and p.budget == 5:
           assert kept == {0, 1, last - 2, last - 1, last}
+
+
+def _causal(rows):
+  """rows(q) -> the attention weights of query q over keys 0..q; -> [T, T] map."""
+  t = 20
+  a = np.zeros((t, t), np.float32)
+  for q in range(t):
+    w = np.asarray(rows(q), np.float32)
+    a[q, :q + 1] = w / w.sum()
+  return a
+
+
+def test_fastgen_profile_picks_full_for_spread_and_locality_for_local_heads():
+  t = 20
+  spread = _causal(lambda q: np.ones(q + 1))
+  local = _causal(lambda q: (np.arange(q + 1) > q - 3).astype(float))  # the last 3 tokens only
+  sink = _causal(lambda q: (np.arange(q + 1) == 0) + 1e-4)
+  punct_ids = np.zeros(t, bool)
+  punct_ids[[4, 9, 14]] = True
+  punct = _causal(lambda q: ((np.arange(q + 1) == 0) | punct_ids[:q + 1]) + 1e-4)
+  attn = jnp.asarray(np.stack([spread, local, sink, punct]))  # four "groups"
+  special = jnp.arange(t) < 1
+  modes = fastgen.profile(attn, jnp.broadcast_to(special, (4, t)),
+                          jnp.broadcast_to(jnp.asarray(punct_ids), (4, t)), 0.95)
+  assert [fastgen.MODES[m] for m in np.asarray(modes)] == ["full", "locality", "special",
+                                                            "punctuation"]
 
 
 def test_decode_step_traces_once_per_policy():

@@ -107,6 +107,8 @@ def init_cache(cfg: ModelConfig, policy: Policy, batch: int, context: int) -> Bu
         out[f"{spec.name}_r"] = jnp.zeros(lead + (policy.fp_recent, spec.width), jnp.float32)
     for name, dt in BOOKKEEPING:
       out[name] = jnp.full(lead + (s,), -1 if name == "pos" else 0, dt)
+    if policy.name == "fastgen":  # each group's profiled policy (fastgen.MODES), 'full' until then
+      out["mode"] = jnp.full(lead, 4, jnp.int32)
     return out
 
   return BudgetCache(layers=tuple(layer() for _ in range(cfg.n_layers)),

@@ -36,7 +36,7 @@ def _rerotate(x, layer, cfg):
   return apply_rope(x, cos, sin, cfg.rope_layout)
 
 
-def _gqa(attn, x, qpos, layer, cache, policy, specs):
+def _gqa(attn, x, qpos, layer, cache, policy, specs, flags):
   """MHA / GQA / MQA over the budget cache: x [B, T, D] -> (out [B, T, D], layer)."""
   cfg, dt = attn.cfg, attn.cfg.compute_dtype
   c = lambda p: p[...].astype(dt)
@@ -63,12 +63,14 @@ def _gqa(attn, x, qpos, layer, cache, policy, specs):
     aux = jnp.linalg.norm(k.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
   elif policy.name == "vatp":
     aux = jnp.abs(v.astype(jnp.float32)).sum(-1).transpose(0, 2, 1)
+  elif policy.name == "fastgen":  # FastGen: is the token punctuation
+    aux = jnp.broadcast_to(flags[:, None], aux.shape)
   new = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}
   return out, evict.update_layer(layer, specs, policy, new, p_old.mean(2), p_new.mean(2), aux,
                                  qpos, cache.n_seen, cache.n_valid, cfg.kv_cache_dtype)
 
 
-def _mla(attn, x, qpos, layer, cache, policy, specs):
+def _mla(attn, x, qpos, layer, cache, policy, specs, flags):
   """MLA over the budget cache, absorbed path (scores per latent slot, averaged over heads)."""
   cfg, dt = attn.cfg, attn.cfg.compute_dtype
   q_nope, q_rope, latent, k_rope = attn._project(x, qpos)
@@ -101,6 +103,8 @@ def _mla(attn, x, qpos, layer, cache, policy, specs):
   elif policy.name == "vatp":  # per-head values W_UV,h c: L1 norm averaged over heads
     values = jnp.einsum("BTC,CHE->BTHE", latent.astype(jnp.float32), w_uv.astype(jnp.float32))
     aux = jnp.abs(values).sum(-1).mean(-1)[:, None]
+  elif policy.name == "fastgen":
+    aux = flags[:, None]
   new = {"c": latent[:, None], "kr": k_rope[:, None]}
   return out, evict.update_layer(layer, specs, policy, new, p_old.mean(1)[:, None],
                                  p_new.mean(1)[:, None], aux, qpos, cache.n_seen, cache.n_valid,
@@ -115,10 +119,13 @@ def extend(model, cache: budget_lib.BudgetCache, tokens: jax.Array, policy: Poli
   base = cache.n_seen if policy.positions == "original" else cache.n_valid
   qpos = base[:, None] + jnp.arange(t, dtype=jnp.int32)
   run = _mla if cfg.attention == "mla" else _gqa
+  flags = jnp.zeros(tokens.shape, jnp.float32)
+  if policy.punct_ids:
+    flags = jnp.isin(tokens, jnp.asarray(policy.punct_ids)).astype(jnp.float32)
   x = model.embed(tokens)
   layers = []
   for block, layer in zip(model.blocks, cache.layers):
-    h, layer = run(block.attn, block.attn_norm(x), qpos, layer, cache, policy, specs)
+    h, layer = run(block.attn, block.attn_norm(x), qpos, layer, cache, policy, specs, flags)
     x = x + h
     x = x + block.mlp(block.mlp_norm(x))
     layers.append(layer)

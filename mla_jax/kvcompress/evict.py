@@ -10,6 +10,7 @@ Every policy reduces to a keep key per slot and group [B, G, S] (`keep_key`); pr
                      order); decode queries add their attention to the votes
   l2norm             minus the key's L2 norm (low-norm keys draw attention: keep them)
   vatp               accumulated attention times the value's L1 norm (aux)
+  fastgen            per group, the policy its prefill profile picked (fastgen.py)
 A decode step (T = 1) overwrites the one victim slot in place; a prefill chunk (T > 1) keeps the
 S best of the S + T candidates and writes them back in position order.
 """
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mla_jax.kvcompress import budget as budget_lib
+from mla_jax.kvcompress import fastgen
 from mla_jax.kvcompress.policy import Policy
 
 _BIG = 2 ** 30  # sorts invalid slots after every real position
@@ -48,9 +50,12 @@ def _pool_in_position_order(key, pos, valid, k: int):
   return jnp.take_along_axis(pooled, inverse, axis=-1)
 
 
-def keep_key(policy: Policy, book: dict, valid=None) -> jax.Array:
-  """Larger keeps: [B, G, N] from the bookkeeping arrays (pos, score, aux [B, G, N])."""
+def keep_key(policy: Policy, book: dict, valid=None, mode=None, end=None) -> jax.Array:
+  """Larger keeps: [B, G, N] from the bookkeeping arrays (pos, score, aux [B, G, N]); FastGen
+  also needs the groups' modes [B, G] and end [B] (the newest position + 1)."""
   name = policy.name
+  if name == "fastgen":
+    return fastgen.keep_key(book, mode, book["pos"] < policy.sinks, end, book["pos"].shape[-1])
   if name in ("streaming", "none"):
     return book["pos"].astype(jnp.float32)
   if name == "l2norm":
@@ -72,7 +77,8 @@ def insert_one(layer, specs, policy: Policy, new, book_new, base, n_seen, n_vali
   with the new token in the first free slot, or in place of the lowest-keyed unprotected slot."""
   s = layer["pos"].shape[-1]
   full = (n_valid >= s)[:, None]  # [B, 1]
-  key = jnp.where(protected(policy, layer["pos"], base + 1), jnp.inf, keep_key(policy, layer))
+  key = keep_key(policy, layer, mode=layer.get("mode"), end=base + 1)
+  key = jnp.where(protected(policy, layer["pos"], base + 1), jnp.inf, key)
   victim = jnp.argmin(key, axis=-1)  # [B, G]
   slot = jnp.where(full, victim, n_valid[:, None])
   book_new = dict(book_new)
@@ -101,7 +107,7 @@ def compact(layer, specs, policy: Policy, new, book_new, base, n_seen, n_valid, 
                                             layer["pos"].shape),
                            jnp.ones(book_new["pos"].shape, bool)], axis=-1)
   book = {k: jnp.concatenate([layer[k], book_new[k]], axis=-1) for k in book_new}
-  key = keep_key(policy, book, valid)
+  key = keep_key(policy, book, valid, mode=layer.get("mode"), end=base + t)
   key = jnp.where(protected(policy, book["pos"], base + t), jnp.inf, key)
   _, idx = jax.lax.top_k(jnp.where(valid, key, -jnp.inf), s)  # [B, G, S]
   kept = jnp.take_along_axis(valid, idx, axis=-1)
@@ -134,5 +140,8 @@ def update_layer(layer, specs, policy: Policy, new, a_old, a_new, aux_new, qpos,
   qpos = jnp.broadcast_to(qpos[:, None], (qpos.shape[0], g, qpos.shape[1]))
   book_new = {"pos": qpos, "rot": qpos, "score": score_new, "aux": aux_new}
   base = n_seen if policy.positions == "original" else n_valid
+  if policy.name == "fastgen" and a_new.shape[-1] > 1:  # the prompt's first chunk is profiled
+    picked = fastgen.profile(a_new, book_new["pos"] < policy.sinks, aux_new > 0, policy.recovery)
+    layer["mode"] = jnp.where((n_valid == 0)[:, None], picked, layer["mode"])
   step = insert_one if a_new.shape[-1] == 1 else compact
   return step(layer, specs, policy, new, book_new, base, n_seen, n_valid, dtype)

@@ -46,6 +46,7 @@ class Policy:
   obs_window SnapKV's observation window (the last queries of a prefill chunk that vote)
   pool       SnapKV's 1-D pooling kernel over the votes (odd)
   recovery   FastGen's attention-recovery threshold T
+  punct_ids  FastGen's punctuation token ids (from the tokenizer)
   """
   name: str = "none"
   budget: int = 0
@@ -58,6 +59,7 @@ class Policy:
   obs_window: int = 32
   pool: int = 7
   recovery: float = 0.95
+  punct_ids: tuple = ()
 
   @property
   def sinks(self) -> int:
@@ -83,7 +85,7 @@ class Policy:
 def default_window(p: Policy) -> int:
   """Recent window when --window is not given: H2O / VATP half the budget (H2O's 50/50 split),
   SnapKV its observation window, StreamingLLM everything after the sinks, others the newest one."""
-  if p.name in ("h2o", "vatp", "fastgen"):
+  if p.name in ("h2o", "vatp"):
     return max(1, p.budget // 2 - p.sinks // 2)
   if p.name == "snapkv":
     return max(1, min(p.obs_window, p.budget - p.sinks))
