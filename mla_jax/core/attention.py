@@ -284,7 +284,8 @@ class MLAttention(nnx.Module):
 
   def _project(self, x, positions):
     """x [B, T, D], positions [B, T] -> q_nope [B, T, H, N], q_rope [B, T, H, R] (rotated),
-    latent [B, T, C] (normalised), k_rope [B, T, R] (rotated; one rope key for all heads)."""
+    latent [B, T, C] (normalised unless mla_latent_norm is off), k_rope [B, T, R] (rotated; one
+    rope key for all heads) or, with mla_rope_kv_heads = G_R > 1, [B, T, G_R, R]."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     w = lambda p: p[...].astype(dt)
     if cfg.q_lora_rank:  # low-rank query: q = RMSNorm(x W_DQ) W_UQ
