@@ -75,7 +75,9 @@ class Policy:
     """Most recent tokens read in full precision from the ring buffer (0 without quantisation)."""
     if self.quant == "none":
       return 0
-    return min(self.group if self.n_recent < 0 else self.n_recent, max(self.recent, 1))
+    wanted = self.group if self.n_recent < 0 else self.n_recent
+    # With eviction the ring may only hold tokens the window protects (they are still cached).
+    return min(wanted, self.recent) if self.budget else wanted
 
   @property
   def bits(self) -> int:

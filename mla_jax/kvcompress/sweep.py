@@ -1,0 +1,191 @@
+"""Compression sweep over a comparison sweep's trained models: (trained variant x policy x budget x
+quantisation) -> bpb, passkey accuracy and effective bytes per token, on one Pareto chart.
+
+    run_compress_sweep("runs/sweep_cpu", "docs/results/kvcompress", policies=("h2o", "streaming"))
+
+Every workdir under runs_dir with a checkpoint is one trained variant; its uncompressed point is
+the trained-in compression (MLA, GQA, MQA against MHA: the model's own cache bytes). Each policy
+runs at the kvpress grid (a fraction RATIOS of the compressed context, the prefix, evicted) and
+each quantisation, on the same validation windows (evaluate.prefix_bpb: the first half of a
+seq_len window compressed, the second half scored). Writes OUT/results.json, OUT/report.md,
+OUT/pareto_bpb.png (and OUT/pareto_passkey_<length>.png with passkey lengths).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from mla_jax.core.config import kv_cache_bytes_per_token
+from mla_jax.kvcompress import evaluate
+from mla_jax.kvcompress.policy import Policy, validate
+
+
+def find_workdirs(runs_dir: str) -> list[str]:
+  """Sub-directories (one level) with a config.json and at least one checkpoint, sorted."""
+  from mla_jax.storage.workdir import Workdir, WorkdirError
+
+  found = []
+  for name in sorted(os.listdir(runs_dir)):
+    path = os.path.join(runs_dir, name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      continue
+    try:
+      Workdir.open(path).resolve_step("latest")
+    except (WorkdirError, ValueError, FileNotFoundError):
+      continue
+    found.append(path)
+  return found
+
+
+def configs(policies, ratios, quants, compose: bool) -> list[tuple[str, float, str]]:
+  """(policy, fraction evicted, quant): each quantisation alone, each policy at each ratio
+  unquantised, and with compose each policy x ratio x quantisation."""
+  out = [("none", 0.0, q) for q in quants if q != "none"]
+  for p in policies:
+    for r in ratios:
+      for q in quants:
+        if q == "none" or compose:
+          out.append((p, r, q))
+  return out
+
+
+def run_compress_sweep(runs_dir: str, out: str, policies=("streaming", "h2o", "tova", "snapkv"),
+                       ratios=evaluate.RATIOS, quants=("none", "int8", "int4"),
+                       compose: bool = False, windows: int = 8, passkey_lengths=(),
+                       passkey_trials: int = 8, only=(), progress=print) -> dict:
+  from mla_jax.evaluation.workdir_eval import load_val, parse_data
+  from mla_jax.storage.workdir import Workdir
+
+  os.makedirs(out, exist_ok=True)
+  rows, started = [], time.perf_counter()
+  workdirs = [w for w in find_workdirs(runs_dir) if not only or os.path.basename(w) in only]
+  if not workdirs:
+    raise ValueError(f"--runs_dir: no trained workdir under {runs_dir}")
+  for wd_path in workdirs:
+    wd = Workdir.open(wd_path)
+    run = os.path.basename(wd_path)
+    model = wd.load_model("latest")
+    cfg, tok = model.cfg, wd.tokenizer()
+    seq_len = wd.config["data"]["seq_len"]
+    val, bpt, _ = load_val(wd, parse_data(None, wd.config))
+    lengths = tuple(min(n, cfg.max_seq_len) for n in passkey_lengths)
+    say = lambda text: progress(f"[{time.perf_counter() - started:6.0f}s] {run}: {text}")
+
+    def point(policy: Policy, ratio: float) -> dict:
+      p = evaluate.prefix_bpb(model, val, bpt, policy, seq_len, windows, seq_len // 2)
+      row = {"run": run, "variant": cfg.attention, "policy": policy.name, "quant": policy.quant,
+             "ratio": ratio, "budget": policy.budget, "bpb": p["bpb"]}
+      if policy.name == "none" and policy.quant == "none":  # the trained-in cache, as stored
+        row["bytes_per_token"] = float(kv_cache_bytes_per_token(cfg))
+      else:
+        row["bytes_per_token"] = evaluate.effective_bytes_per_token(
+            cfg, policy, seq_len - seq_len // 2)["total"]
+      for length in lengths:
+        budget = policy.budget and max(policy.sinks + policy.recent, round((1 - ratio) * length))
+        pk = validate(dataclasses.replace(policy, budget=budget), length)
+        row[f"passkey@{length}"] = evaluate.passkey(model, tok, pk, length, passkey_trials)[
+            "accuracy"]
+      say(f"{policy.name} {policy.quant} evict {ratio:g}: bpb {row['bpb']:.4f}, "
+          f"{row['bytes_per_token']:.0f} B/token")
+      return row
+
+    rows.append(point(validate(Policy(), seq_len), 0.0))
+    for name, ratio, quant in configs(policies, ratios, quants, compose):
+      # The fraction evicted is of the compressed context: the prefix (the first half).
+      kept = max(1, round((1 - ratio) * (seq_len - seq_len // 2))) if ratio else 0
+      policy = evaluate.policy_from_flags(name, str(kept), quant, context=seq_len)
+      if name == "fastgen":
+        policy = dataclasses.replace(policy, punct_ids=evaluate.punct_ids(tok))
+      rows.append(point(policy, ratio))
+  result = {"runs_dir": runs_dir, "rows": rows, "ratios": list(ratios), "windows": windows,
+            "seconds": time.perf_counter() - started}
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  write_report(result, out, passkey_lengths)
+  return result
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+  """Indices of the points no other point beats on both x and y (lower is better), by x."""
+  order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+  front, best = [], float("inf")
+  for i in order:
+    if points[i][1] < best:
+      front.append(i)
+      best = points[i][1]
+  return front
+
+
+def write_report(result: dict, out: str, passkey_lengths=()) -> None:
+  rows = result["rows"]
+  base = {r["run"]: r for r in rows if r["policy"] == "none" and r["quant"] == "none"}
+  front = set(pareto([(r["bytes_per_token"], r["bpb"]) for r in rows]))
+  keys = [f"passkey@{n}" for n in passkey_lengths]
+  lines = ["# KV-cache compression sweep: trained-in (MLA, GQA, MQA) and inference-time", "",
+           f"Models: every trained workdir under `{result['runs_dir']}`. bpb: "
+           f"{result['windows']} validation windows of the training seq_len, first half "
+           "prefilled into the compressed cache, second half scored "
+           "(`mla_jax/kvcompress/evaluate.py: prefix_bpb`). Bytes per token: the model's own "
+           "cache for the uncompressed rows; otherwise everything the budget cache holds "
+           "(values, scales, full-precision ring, bookkeeping) over the compressed prefix's "
+           "tokens. * = on the Pareto front of bpb against bytes.", "",
+           "| run | variant | policy | quant | evicted | budget | bytes/token | bpb | vs own "
+           "uncompressed |" + "".join(f" {k} |" for k in keys),
+           "|---|---|---|---|---|---|---|---|---|" + "---|" * len(keys)]
+  for i, r in enumerate(rows):
+    delta = r["bpb"] - base[r["run"]]["bpb"]
+    lines.append(f"| {r['run']} | {r['variant']} | {r['policy']} | {r['quant']} | {r['ratio']:g} "
+                 f"| {r['budget'] or '-'} | {r['bytes_per_token']:.0f}{' *' if i in front else ''}"
+                 f" | {r['bpb']:.4f} | {delta:+.4f} |"
+                 + "".join(f" {r[k]:.2f} |" for k in keys))
+  lines += ["", f"{len(rows)} points in {result['seconds']:.0f} s.", ""]
+  with open(os.path.join(out, "report.md"), "w") as f:
+    f.write("\n".join(lines))
+  plot(rows, os.path.join(out, "pareto_bpb.png"), "bpb", "validation bits per byte")
+  for k in keys:
+    plot(rows, os.path.join(out, f"pareto_{k.replace('@', '_')}.png"), k, f"{k} accuracy",
+         lower_is_better=False)
+
+
+def plot(rows: list[dict], path: str, key: str, ylabel: str, lower_is_better=True) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 5.5))
+  colors = {}
+  markers = {"none": "o", "int8": "s", "int4": "^"}
+  for r in rows:
+    if r["policy"] == "none" and r["quant"] == "none":
+      ax.scatter(r["bytes_per_token"], r[key], s=90, marker="*", color="black", zorder=3)
+      ax.annotate(f"{r['run']} ({r['variant']})", (r["bytes_per_token"], r[key]), fontsize=7,
+                  xytext=(4, 4), textcoords="offset points")
+  groups: dict = {}
+  for r in rows:
+    if not (r["policy"] == "none" and r["quant"] == "none"):
+      groups.setdefault((r["run"], r["policy"], r["quant"]), []).append(r)
+  for (_, policy, q), pts in groups.items():
+    color = colors.setdefault(policy, f"C{len(colors)}")
+    pts = sorted(pts, key=lambda r: r["bytes_per_token"])
+    ax.plot([r["bytes_per_token"] for r in pts], [r[key] for r in pts], marker=markers[q],
+            color=color, alpha=.7, lw=1, ms=4)
+  for policy, color in colors.items():
+    ax.plot([], [], color=color, label=policy)
+  for q, m in markers.items():
+    ax.plot([], [], ls="", marker=m, color="gray", label=f"quant {q}")
+  ax.scatter([], [], marker="*", color="black", label="trained-in (uncompressed)")
+  pts = [(r["bytes_per_token"], r[key] if lower_is_better else -r[key]) for r in rows]
+  front = pareto(pts)
+  ax.step([rows[i]["bytes_per_token"] for i in front], [rows[i][key] for i in front],
+          where="post", color="red", lw=1.5, alpha=.5, label="Pareto front")
+  ax.set_xscale("log")
+  ax.set_xlabel("effective KV-cache bytes per token (all layers)")
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=7)
+  ax.grid(alpha=.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
