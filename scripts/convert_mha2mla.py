@@ -24,6 +24,10 @@ flags.DEFINE_enum("rope_strategy", "2norm", ["high", "low", "uniform", "2norm"],
                   "Which frequency pairs keep RoPE.")
 flags.DEFINE_enum("svd", "joint", ["joint", "split"], "One latent for keys and values, or two.")
 flags.DEFINE_integer("calib_batches", 4, "Calibration batches (8 sequences each) for 2norm.")
+flags.DEFINE_enum("rope_key", "group", ["group", "shared"], "One rope key per KV head (MHA2MLA, "
+                  "exact) or one shared by all heads (DeepSeek-V3 exportable, approximate).")
+flags.DEFINE_bool("latent_norm", False, "Normalise the cached latent (DeepSeek-V3 exportable, "
+                  "approximate: fine-tune after).")
 flags.DEFINE_string("which", "latest", "Source checkpoint: latest, best or a step number.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --dst.")
 FLAGS = flags.FLAGS
@@ -44,13 +48,15 @@ def main(argv):
     sys.exit(1)
   try:
     out = convert(FLAGS.src, FLAGS.dst, FLAGS.rope_dims, FLAGS.kv_rank, FLAGS.rope_strategy,
-                  FLAGS.svd, FLAGS.calib_batches, FLAGS.which, overwrite=FLAGS.overwrite)
+                  FLAGS.svd, FLAGS.calib_batches, FLAGS.which, overwrite=FLAGS.overwrite,
+                  rope_key=FLAGS.rope_key, latent_norm=FLAGS.latent_norm)
   except (ValueError, OSError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(1)
   print(f"converted {FLAGS.src} ({out['src_attention']}, {out['src_kv_heads']} kv heads) -> "
-        f"{FLAGS.dst}: MLA C={out['kv_rank']} R={out['rope_dims']} x {out['src_kv_heads']} rope "
-        f"keys, {out['rope_strategy']}, svd {out['svd']} (exact at C >= {out['exact_rank']}); "
+        f"{FLAGS.dst}: MLA C={out['kv_rank']} R={out['rope_dims']} x "
+        f"{out['src_kv_heads'] if out['rope_key'] == 'group' else 1} rope keys, "
+        f"{out['rope_strategy']}, svd {out['svd']} (exact at C >= {out['exact_rank']}); "
         f"KV cache {out['src_cache_bytes']} -> {out['dst_cache_bytes']} bytes/token "
         f"({100 * out['cache_fraction']:.1f}%), {out['seconds']:.1f} s")
 

@@ -171,3 +171,37 @@ def test_config_refuses_bad_rope_fields():
     ModelConfig(**base, mla_rope_kv_heads=2, mla_decode_impl="pallas")
   ok = ModelConfig(**base, mla_rope_kv_heads=2, mla_rope_pairs=[0, 1] * 4, mla_rope_base_dim=8)
   assert ModelConfig.from_mapping(ok.to_dict()) == ok and hash(ok)
+
+
+def test_shared_rope_key_from_mqa_is_exact_and_plain_deepseek():
+  """One KV head: the shared rope key is that head's, so the conversion stays exact; 'high' pairs
+  are standard RoPE over R dims with theta^(R/K), so no per-layer frequency table is needed."""
+  cfg, model, params = _source("mqa")
+  pairs = mha2mla.select_pairs("high", 8, 4, 2, 1)
+  new_cfg, new = mha2mla.convert_params(cfg, params, 4, mha2mla.full_rank(cfg, 4), pairs,
+                                        rope_key="shared")
+  assert new_cfg.mla_rope_kv_heads == 1 and new_cfg.mla_rope_pairs == ()
+  assert new_cfg.rope_theta == pytest.approx(cfg.rope_theta ** 0.5)
+  np.testing.assert_allclose(_logits(workdir_io.build_model(new_cfg, new)),
+                             _partial_rope_logits(model, pairs), atol=1e-5, rtol=1e-5)
+
+
+def test_shared_key_latent_norm_conversion_exports_to_deepseek(tmp_path):
+  from mla_jax.interop import hf_export, hf_import
+  cfg, _, params = _source("mha")
+  workdir_io.write_workdir(str(tmp_path / "src"), cfg, params)
+  out = mha2mla.convert(str(tmp_path / "src"), str(tmp_path / "conv"), 4, 16, "uniform",
+                        calib_tokens=TOKENS, rope_key="shared", latent_norm=True)
+  conv = Workdir.open(str(tmp_path / "conv"))
+  new_cfg = conv.model_config
+  assert new_cfg.mla_latent_norm and new_cfg.mla_rope_kv_heads == 1 and not new_cfg.mla_rope_pairs
+  assert out["dst_cache_bytes"] == (16 + 4) * 2 * 4
+  scale = workdir_io.model_params(conv.load_model())["blocks.0.attn.kv_norm.scale"]
+  assert np.ptp(scale) == 0 and scale[0] > 0 and scale[0] != 1  # calibrated, one value
+  hf_export.export_hf(str(tmp_path / "conv"), str(tmp_path / "hf"))
+  hf_import.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+  np.testing.assert_allclose(_logits(Workdir.open(str(tmp_path / "back")).load_model()),
+                             _logits(conv.load_model()), atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="model.mla_rope_kv_heads"):  # a per-group conversion
+    mha2mla.convert(str(tmp_path / "src"), str(tmp_path / "group"), 4, 16, "high")
+    hf_export.export_hf(str(tmp_path / "group"), str(tmp_path / "hf2"))

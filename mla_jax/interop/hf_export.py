@@ -13,8 +13,9 @@ attention scores are unchanged): `layers.interleaved_to_half_perm`.
 
 Not exportable (refused in one line naming the field, nothing written): MLA with one rope key per
 KV head (`mla_rope_kv_heads` > 1), per-layer rope frequencies (`mla_rope_pairs`), no latent norm
-(`mla_latent_norm` false): DeepSeek-V3's layout has none of these. Fine-tune a converted model with
-`--rope_key=shared --latent_norm` conversions if it must be served as DeepSeek-V3.
+(`mla_latent_norm` false): DeepSeek-V3's layout has none of these. To serve a conversion as
+DeepSeek-V3, convert with `--rope_key=shared --latent_norm --rope_strategy=high|uniform`
+(approximate: fine-tune it) and export that.
 """
 
 from __future__ import annotations

@@ -27,6 +27,12 @@ by ((K + 2) / K)^1/2 to keep the softmax scale).
 
 Cache per token and layer: C + G * R elements, against the source's 2 * G * K
 (config.kv_cache_bytes_per_token counts the per-group rope keys).
+
+For serving as a DeepSeek-V3 checkpoint (hf_export), `rope_key="shared"` keeps one rope key (the
+KV heads' mean: exact only for MQA sources) and `latent_norm=True` normalises the latent (its
+scale calibrated to start near identity): both approximate, to be fine-tuned. With 'high' or
+'uniform' pairs the kept frequencies are standard RoPE over R dims with another rope_theta, so
+the result is a plain DeepSeek MLA.
 """
 
 from __future__ import annotations
@@ -131,6 +137,24 @@ def pair_scores(model, tokens: np.ndarray) -> np.ndarray:
   return np.asarray(run(jnp.asarray(tokens, jnp.int32)))
 
 
+def attn_inputs(model, tokens: np.ndarray) -> np.ndarray:
+  """Every layer's attention input (after attn_norm) on calibration tokens [B, T] -> [L, B*T, D]:
+  what --latent_norm uses to set the latent norm's scale."""
+  import jax
+  import jax.numpy as jnp
+
+  @jax.jit
+  def run(tokens):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x, out = model.embed(tokens), []
+    for block in model.blocks:
+      out.append(block.attn_norm(x).reshape(-1, x.shape[-1]))
+      x, _ = block(x, positions)
+    return jnp.stack(out)
+
+  return np.asarray(run(jnp.asarray(tokens, jnp.int32)))
+
+
 # Low rank ----------------------------------------------------------------------------------------
 
 
@@ -151,27 +175,56 @@ def full_rank(cfg: ModelConfig, rope_dims: int) -> int:
   return min(cfg.d_model, cfg.kv_heads * (n + cfg.qk_head_dim))
 
 
+def _standard_theta(pairs: np.ndarray, k: int, rope_dims: int, theta: float) -> float | None:
+  """When every layer keeps pairs p_i = a * i (a > 0: 'high' a = 1, 'uniform' a = K/R), their
+  frequencies theta^(-2ai/K) are standard RoPE over R dims with theta' = theta^(aR/K): the rope
+  theta that makes a shared-key conversion a plain DeepSeek MLA (exportable). Else None."""
+  first = pairs.reshape(-1, pairs.shape[-1])
+  step = first[0, 1] - first[0, 0] if first.shape[1] > 1 else 1
+  want = np.arange(first.shape[1]) * step
+  if step <= 0 or not (first == want).all():
+    return None
+  return float(theta ** (step * rope_dims / k))
+
+
 def target_config(cfg: ModelConfig, rope_dims: int, kv_rank: int, pairs: np.ndarray,
-                  latent_norm: bool = False) -> ModelConfig:
-  """The MLA ModelConfig a conversion writes; pairs [L, G, R/2]."""
+                  rope_key: str = "group", latent_norm: bool = False) -> ModelConfig:
+  """The MLA ModelConfig a conversion writes; pairs [L, G, R/2]. rope_key 'group': one rope key
+  per KV head (MHA2MLA); 'shared': one for all heads (DeepSeek), with the standard frequency table
+  and a changed rope_theta when the kept pairs allow it (_standard_theta)."""
   k = cfg.qk_head_dim
   n = (k - rope_dims) or 2
   fields = cfg.to_dict()
   for name in ("n_kv_heads", "head_dim"):
     fields[name] = 0
+  keys = cfg.kv_heads if rope_key == "group" else 1
+  kept = pairs if rope_key == "group" else pairs[:, :1]
+  rope = dict(mla_rope_pairs=[int(p) for p in kept.reshape(-1)], mla_rope_base_dim=k)
+  theta = _standard_theta(kept, k, rope_dims, cfg.rope_theta) if rope_key == "shared" else None
+  if theta is not None:
+    rope = dict(mla_rope_pairs=[], mla_rope_base_dim=0, rope_theta=theta)
   fields.update(attention="mla", q_lora_rank=0, kv_lora_rank=kv_rank, qk_nope_head_dim=n,
-                qk_rope_head_dim=rope_dims, v_head_dim=k, mla_rope_kv_heads=cfg.kv_heads,
-                mla_rope_pairs=[int(p) for p in pairs.reshape(-1)], mla_rope_base_dim=k,
-                mla_latent_norm=latent_norm, mla_decode_impl="absorbed")
+                qk_rope_head_dim=rope_dims, v_head_dim=k, mla_rope_kv_heads=keys,
+                mla_latent_norm=latent_norm, mla_decode_impl="absorbed", **rope)
   return ModelConfig.from_mapping(fields)
 
 
 def convert_params(cfg: ModelConfig, params: dict[str, np.ndarray], rope_dims: int, kv_rank: int,
-                   pairs: np.ndarray, svd: str = "joint") -> tuple[ModelConfig, dict]:
-  """Source {flat name: array} -> (MLA ModelConfig, MLA {flat name: array}); pairs [L, G, R/2]."""
+                   pairs: np.ndarray, svd: str = "joint", rope_key: str = "group",
+                   inputs: np.ndarray | None = None,
+                   latent_norm: bool = False) -> tuple[ModelConfig, dict]:
+  """Source {flat name: array} -> (MLA ModelConfig, MLA {flat name: array}); pairs [L, G, R/2].
+
+  rope_key 'shared' (pairs equal across a layer's KV heads): one rope key, the mean of the KV
+  heads' rotated key projections (exact for MQA sources, else an approximation to fine-tune).
+  latent_norm: cache the latent through kv_norm, its scale set to the mean RMS of the latent over
+  `inputs` [L, tokens, D] (attn_inputs) so that the norm starts near identity (approximate).
+  """
   h, g, k, d = cfg.n_heads, cfg.kv_heads, cfg.qk_head_dim, cfg.d_model
   m = h // g
-  new_cfg = target_config(cfg, rope_dims, kv_rank, pairs)
+  if rope_key == "shared" and not (pairs == pairs[:, :1]).all():
+    _fail("--rope_key", "shared needs the same kept pairs for every KV head of a layer")
+  new_cfg = target_config(cfg, rope_dims, kv_rank, pairs, rope_key, latent_norm)
   n = new_cfg.nope_dim
   pad = n != k - rope_dims  # R = K: two zero no-rope dims
   q_scale = ((n + rope_dims) / k) ** 0.5 if pad else 1.0  # keeps the softmax scale K^-1/2
@@ -192,6 +245,8 @@ def convert_params(cfg: ModelConfig, params: dict[str, np.ndarray], rope_dims: i
       if not pad:
         k_nope[:, j] = wk[:, j, nope_idx[j]]
     k_rope = np.concatenate([wk[:, j, rope_idx[j]] for j in range(g)], axis=-1)  # [D, G * R]
+    if rope_key == "shared":  # one key for all heads: the KV heads' mean
+      k_rope = k_rope.reshape(d, g, rope_dims).mean(axis=1)
     flat_k, flat_v = k_nope.reshape(d, g * n), wv.reshape(d, g * k)
     if svd == "joint":
       down, up = _svd(np.concatenate([flat_k, flat_v], axis=1), kv_rank)
@@ -208,7 +263,11 @@ def convert_params(cfg: ModelConfig, params: dict[str, np.ndarray], rope_dims: i
     wkv_b = np.concatenate([up_k[:, group], up_v[:, group]], axis=-1)  # [C, H, N + K]
     out[a + "wq"] = (q_new * q_scale).astype(np.float32)
     out[a + "wkv_a"] = np.concatenate([down, k_rope], axis=1).astype(np.float32)
-    out[a + "kv_norm.scale"] = np.ones((kv_rank,), np.float32)  # unused: mla_latent_norm False
+    scale = 1.0  # unused unless latent_norm
+    if latent_norm and inputs is not None:
+      latent = inputs[i].astype(np.float64) @ down  # [tokens, C]
+      scale = float(np.sqrt((latent ** 2).mean(axis=-1)).mean())
+    out[a + "kv_norm.scale"] = np.full((kv_rank,), scale, np.float32)
     out[a + "wkv_b"] = wkv_b.astype(np.float32)
     out[a + "wo"] = wo.astype(np.float32)
   return new_cfg, out
@@ -229,7 +288,8 @@ def calibration_tokens(wd, batches: int, batch: int = 8) -> np.ndarray:
 
 def convert(src: str, dst: str, rope_dims: int, kv_rank: int, strategy: str,
             svd: str = "joint", calib_batches: int = 4, which: str | int = "latest",
-            calib_tokens: np.ndarray | None = None, overwrite: bool = False) -> dict[str, Any]:
+            calib_tokens: np.ndarray | None = None, overwrite: bool = False,
+            rope_key: str = "group", latent_norm: bool = False) -> dict[str, Any]:
   """Converts workdir src into a new MLA workdir dst (same data, tokenizer and training config;
   built aside, then renamed). Returns a summary with the cache sizes before and after."""
   from mla_jax.core.config import kv_cache_bytes_per_token
@@ -238,17 +298,27 @@ def convert(src: str, dst: str, rope_dims: int, kv_rank: int, strategy: str,
   started = time.perf_counter()
   wd, cfg, params = workdir_io.read_workdir(src, which)
   check_args(cfg, rope_dims, kv_rank, strategy, svd)
-  scores = None
-  if strategy == "2norm":
+  if rope_key not in ("group", "shared"):
+    _fail("--rope_key", f"{rope_key!r} is not one of ('group', 'shared')")
+  scores = inputs = None
+  if strategy == "2norm" or latent_norm:
     if calib_tokens is None:
       if calib_batches <= 0:
-        _fail("--calib_batches", "must be > 0 for rope_strategy=2norm")
+        _fail("--calib_batches", "must be > 0 for rope_strategy=2norm or --latent_norm")
       calib_tokens = calibration_tokens(wd, calib_batches)
-    scores = pair_scores(workdir_io.build_model(cfg, params), calib_tokens)
+    model = workdir_io.build_model(cfg, params)
+    if strategy == "2norm":
+      scores = pair_scores(model, calib_tokens)
+      if rope_key == "shared":  # one key for all heads: rank the pairs over all of them
+        scores = np.broadcast_to(scores.sum(axis=1, keepdims=True), scores.shape)
+    if latent_norm:
+      inputs = attn_inputs(model, calib_tokens)
   pairs = select_pairs(strategy, cfg.qk_head_dim, rope_dims, cfg.n_layers, cfg.kv_heads, scores)
-  new_cfg, new_params = convert_params(cfg, params, rope_dims, kv_rank, pairs, svd)
+  new_cfg, new_params = convert_params(cfg, params, rope_dims, kv_rank, pairs, svd, rope_key,
+                                       inputs, latent_norm)
   origin = {"kind": "mha2mla", "src": src, "rope_dims": rope_dims, "kv_rank": kv_rank,
             "rope_strategy": strategy, "svd": svd, "calib_batches": calib_batches,
+            "rope_key": rope_key, "latent_norm": latent_norm,
             "src_attention": cfg.attention, "src_kv_heads": cfg.kv_heads,
             "exact_rank": full_rank(cfg, rope_dims)}
   workdir_io.write_workdir(dst, new_cfg, new_params, tokenizer_dir=wd.tokenizer_dir,
