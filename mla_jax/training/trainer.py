@@ -288,7 +288,8 @@ def train(config, workdir: str) -> dict[str, Any]:
   logger.message(
       f"{model_cfg.attention} | params {n_params['total'] / 1e6:.2f}M "
       f"(non-embedding {n_params['non_embedding'] / 1e6:.2f}M) | mesh {sizes} | "
-      f"{'resumed at step ' + str(start) if start else 'from scratch'} | workdir {workdir}")
+      f"{'resumed at step ' + str(start) if start else 'from ' + (t.init_from or 'scratch')} | "
+      f"workdir {workdir}")
   logger.message(
       f"data {d.resolved_source}{':' + d.path if d.path else ''} | train {len(corpus.train):,} "
       f"tokens, validation {len(corpus.val):,} | {t.steps} steps x {tokens_per_step:,} tokens | "
