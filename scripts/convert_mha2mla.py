@@ -22,7 +22,8 @@ flags.DEFINE_integer("rope_dims", None, "R: rotated dims kept per head (even, <=
 flags.DEFINE_integer("kv_rank", None, "C: latent rank.")
 flags.DEFINE_enum("rope_strategy", "2norm", ["high", "low", "uniform", "2norm"],
                   "Which frequency pairs keep RoPE.")
-flags.DEFINE_enum("svd", "joint", ["joint", "split"], "One latent for keys and values, or two.")
+flags.DEFINE_enum("svd", "joint", ["joint", "split", "joint_act"], "One latent for keys and "
+                  "values, two, or one weighted by the calibration inputs (joint_act).")
 flags.DEFINE_integer("calib_batches", 4, "Calibration batches (8 sequences each) for 2norm.")
 flags.DEFINE_enum("rope_key", "group", ["group", "shared"], "One rope key per KV head (MHA2MLA, "
                   "exact) or one shared by all heads (DeepSeek-V3 exportable, approximate).")

@@ -100,9 +100,17 @@ def test_partial_rope_at_full_rank_is_the_partial_rope_model(strategy, layout, s
 
 def test_low_rank_is_approximate_and_rank_ordered():
   cfg, model, params = _source("mha")
-  ref = _partial_rope_logits(model, mha2mla.select_pairs("high", 8, 4, 2, 4))
+  pairs = mha2mla.select_pairs("high", 8, 4, 2, 4)
+  ref = _partial_rope_logits(model, pairs)
   errs = [np.abs(_logits(_convert(cfg, params, 4, c)[1]) - ref).mean() for c in (8, 16, 32)]
   assert errs[0] > errs[1] > errs[2]
+  # Weighted by the inputs it sees, the same rank loses less on those inputs.
+  inputs = mha2mla.attn_inputs(model, TOKENS)
+  act_cfg, act = mha2mla.convert_params(cfg, params, 4, 16, pairs, "joint_act", inputs=inputs)
+  assert np.abs(_logits(workdir_io.build_model(act_cfg, act)) - ref).mean() < errs[1]
+  full = mha2mla.full_rank(cfg, 4)
+  act_cfg, act = mha2mla.convert_params(cfg, params, 4, full, pairs, "joint_act", inputs=inputs)
+  np.testing.assert_allclose(_logits(workdir_io.build_model(act_cfg, act)), ref, atol=1e-4)
 
 
 def test_strategies_pick_the_documented_pairs():

@@ -17,6 +17,8 @@ Two steps per layer, on a source with H query heads, G KV heads, head dim K (G =
    is c = x U_C ([D, C], orthonormal columns) and the up-projections are S_C V_C^T, split per head
    into wkv_b's W_UK and W_UV (a query head uses its KV head's) ("joint"). "split" factors W_k,nope
    and W_v separately with C/2 each: the latent is [c_k ; c_v] and wkv_b is block-diagonal.
+   "joint_act" (not in the paper) weighs the SVD by the calibration inputs' covariance, so it
+   keeps what the layer's actual inputs use (minimises E ||x W - x W_down W_up||^2).
 
 The latent is cached without RMSNorm (mla_latent_norm = False): with it the conversion would not be
 exact. With all pairs kept (R = K) at full rank (C = min(D, G * (N + K))) the converted model
@@ -46,7 +48,7 @@ import numpy as np
 from mla_jax.core.config import ModelConfig
 
 STRATEGIES = ("high", "low", "uniform", "2norm")
-SVD_MODES = ("joint", "split")
+SVD_MODES = ("joint", "split", "joint_act")
 
 
 class ConversionError(ValueError):
@@ -169,6 +171,20 @@ def _svd(w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
   return down, up
 
 
+def _svd_act(w: np.ndarray, x: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+  """Activation-aware rank-`rank` factors of w [D, X] for inputs x [tokens, D]: minimises
+  E ||x w - x down up||^2 rather than ||w - down up||. With S = x^T x / n (damped),
+  S^1/2 w = U s V^T, down = S^-1/2 U_C, up = s_C V_C^T; exact at full rank like _svd."""
+  x = x.astype(np.float64)
+  cov = x.T @ x / len(x)
+  cov += np.eye(len(cov)) * 1e-6 * np.trace(cov) / len(cov)  # damping: rank-deficient inputs
+  evals, evecs = np.linalg.eigh(cov)
+  root = (evecs * np.sqrt(evals)) @ evecs.T
+  inv_root = (evecs / np.sqrt(evals)) @ evecs.T
+  down, up = _svd(root @ w, rank)
+  return inv_root @ down, up
+
+
 def full_rank(cfg: ModelConfig, rope_dims: int) -> int:
   """The kv_rank at which joint SVD is exact: min(D, G * (N + K)) (N = K - R, padded to 2)."""
   n = max(cfg.qk_head_dim - rope_dims, 0) or 2
@@ -248,8 +264,10 @@ def convert_params(cfg: ModelConfig, params: dict[str, np.ndarray], rope_dims: i
     if rope_key == "shared":  # one key for all heads: the KV heads' mean
       k_rope = k_rope.reshape(d, g, rope_dims).mean(axis=1)
     flat_k, flat_v = k_nope.reshape(d, g * n), wv.reshape(d, g * k)
-    if svd == "joint":
-      down, up = _svd(np.concatenate([flat_k, flat_v], axis=1), kv_rank)
+    if svd in ("joint", "joint_act"):
+      stacked = np.concatenate([flat_k, flat_v], axis=1)
+      down, up = (_svd(stacked, kv_rank) if svd == "joint" else
+                  _svd_act(stacked, inputs[i], kv_rank))
       up_k, up_v = up[:, :g * n], up[:, g * n:]
     else:
       ck = kv_rank // 2
@@ -301,17 +319,18 @@ def convert(src: str, dst: str, rope_dims: int, kv_rank: int, strategy: str,
   if rope_key not in ("group", "shared"):
     _fail("--rope_key", f"{rope_key!r} is not one of ('group', 'shared')")
   scores = inputs = None
-  if strategy == "2norm" or latent_norm:
+  if strategy == "2norm" or latent_norm or svd == "joint_act":
     if calib_tokens is None:
       if calib_batches <= 0:
-        _fail("--calib_batches", "must be > 0 for rope_strategy=2norm or --latent_norm")
+        _fail("--calib_batches", "must be > 0 for rope_strategy=2norm, --latent_norm or "
+              "--svd=joint_act")
       calib_tokens = calibration_tokens(wd, calib_batches)
     model = workdir_io.build_model(cfg, params)
     if strategy == "2norm":
       scores = pair_scores(model, calib_tokens)
       if rope_key == "shared":  # one key for all heads: rank the pairs over all of them
         scores = np.broadcast_to(scores.sum(axis=1, keepdims=True), scores.shape)
-    if latent_norm:
+    if latent_norm or svd == "joint_act":
       inputs = attn_inputs(model, calib_tokens)
   pairs = select_pairs(strategy, cfg.qk_head_dim, rope_dims, cfg.n_layers, cfg.kv_heads, scores)
   new_cfg, new_params = convert_params(cfg, params, rope_dims, kv_rank, pairs, svd, rope_key,
