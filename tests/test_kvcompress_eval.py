@@ -84,3 +84,20 @@ def test_eval_checks_cache_flags_first_one_line_exit_1(tmp_path):
   assert out.returncode == 1
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: --cache_group"), out.stderr
+
+
+def test_sweep_report_and_plots_from_rows(tmp_path):
+  rows = [{"run": r, "variant": v, "policy": p, "quant": q, "ratio": ratio, "budget": b,
+           "bpb": bpb, "bytes_per_token": nbytes, "passkey@64": acc}
+          for r, v, p, q, ratio, b, bpb, nbytes, acc in [
+              ("mha", "mha", "none", "none", 0.0, 0, 2.0, 4096, 1.0),
+              ("mha", "mha", "h2o", "none", 0.5, 64, 2.1, 2100, .5),
+              ("mla", "mla", "none", "none", 0.0, 0, 2.05, 1024, 1.0),
+              ("mla", "mla", "h2o", "int4", 0.5, 64, 2.3, 300, 0.0)]]
+  sweep.write_report({"runs_dir": "runs/x", "rows": rows, "windows": 2, "seconds": 1.0},
+                     str(tmp_path), passkey_lengths=(64,))
+  report = (tmp_path / "report.md").read_text()
+  assert "| mla | mla | h2o | int4 | 0.5 | 64 | 300 * | 2.3000 | +0.2500 | 0.00 |" in report
+  assert "| mha | mha | h2o | none | 0.5 | 64 | 2100 | 2.1000 | +0.1000 | 0.50 |" in report
+  assert (tmp_path / "pareto_bpb.png").stat().st_size > 0
+  assert (tmp_path / "pareto_passkey_64.png").stat().st_size > 0
