@@ -57,10 +57,10 @@ def test_experiment_plan_and_a_tiny_end_to_end_run(tmp_path):
   from mla_jax.interop import mha2mla_experiment as exp
   sweep_mha = ModelConfig(d_model=96, n_layers=4, n_heads=4, attention="mha")  # the CPU sweep's
   plan = exp.default_plan(sweep_mha, 192)
-  assert [(p["rope_dims"], p["kv_rank"], p["share"]) for p in plan] == [(4, 32, 0.25)] * 4 + [
+  assert [(p["rope_dims"], p["kv_rank"], p["share"]) for p in plan] == [(6, 24, 0.25)] * 4 + [
       (2, 16, 0.125)]
   gqa = ModelConfig(d_model=96, n_layers=4, n_heads=4, attention="gqa", n_kv_heads=2)
-  assert {(p["rope_dims"], p["kv_rank"]) for p in exp.default_plan(gqa, 192)} == {(8, 32), (4, 16)}
+  assert {(p["rope_dims"], p["kv_rank"]) for p in exp.default_plan(gqa, 192)} == {(12, 24), (6, 12)}
 
   cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=4, attention="gqa",
                     n_kv_heads=2, max_seq_len=64)

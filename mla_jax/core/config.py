@@ -213,10 +213,9 @@ def _validate_mla(c: ModelConfig) -> None:
     _fail("mla_decode_impl", "'pallas' reads one shared rope key; mla_rope_kv_heads > 1 needs "
           "'absorbed' or 'naive'")
   # The rope part is the positional half of each head (DeepSeek: R=64 against N=128); a rope part
-  # wider than the per-head content part is almost always a typo for the head dim. Conversions
-  # (per-group rope keys or kept frequencies) may keep more of a head rotated than not.
-  converted = g > 1 or c.mla_rope_pairs
-  if c.qk_rope_head_dim > c.nope_dim and not converted:
+  # wider than a defaulted per-head content part is almost always a typo for the head dim. With N
+  # set explicitly (conversions keep more of a head rotated than not) it is meant.
+  if c.qk_rope_head_dim > c.nope_dim and not c.qk_nope_head_dim:
     _fail("qk_rope_head_dim", f"{c.qk_rope_head_dim} is larger than the head dim "
           f"qk_nope_head_dim={c.nope_dim}")
   if c.attn_block < 0:
