@@ -145,7 +145,8 @@ def table(result: dict[str, Any]) -> str:
   for s in result["scratch"]:
     lines.append(f"| {s['name']} (MLA from scratch) | - | - | - | {s['kv_bytes']} B/token | - "
                  f"| - | "
-                 f"{s['val_bpb']:.4f} | - | {s['decode_ms'] or '-'} |")
+                 f"{s['val_bpb']:.4f} | - | "
+                 f"{'-' if s['decode_ms'] is None else format(s['decode_ms'], '.2f')} |")
   return "\n".join(lines)
 
 
