@@ -89,7 +89,9 @@ def run(sources: dict[str, str], runs_dir: str, *, finetune_fraction: float = 0.
     pretrain_tokens = t["steps"] * t["global_batch"] * d["seq_len"]
     step_tokens = t["global_batch"] * d["seq_len"]
     ft_steps = max(1, int(finetune_fraction * pretrain_tokens) // step_tokens)
-    out["sources"][name] = {"workdir": path, "attention": cfg.attention, "kv_heads": cfg.kv_heads,
+    # Names, not paths: results files are committed (docs/results) and must not hold local paths.
+    out["sources"][name] = {"workdir": os.path.basename(os.path.normpath(path)),
+                            "attention": cfg.attention, "kv_heads": cfg.kv_heads,
                             "val_bpb": src["val_bpb"], "kv_bytes": kv_cache_bytes_per_token(cfg),
                             "decode_ms": _decode_ms(src), "pretrain_tokens": pretrain_tokens}
     for p in plan_fn(cfg, mha_elements):
