@@ -100,7 +100,9 @@ def run_compress_sweep(runs_dir: str, out: str, policies=("streaming", "h2o", "t
       if name == "fastgen":
         policy = dataclasses.replace(policy, punct_ids=evaluate.punct_ids(tok))
       rows.append(point(policy, ratio))
-  result = {"runs_dir": runs_dir, "rows": rows, "ratios": list(ratios), "windows": windows,
+  # Relative: committed results hold no absolute paths.
+  result = {"runs_dir": os.path.relpath(runs_dir) if os.path.isabs(runs_dir) else runs_dir,
+            "rows": rows, "ratios": list(ratios), "windows": windows,
             "seconds": time.perf_counter() - started}
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(result, f, indent=1)
