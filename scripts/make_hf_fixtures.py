@@ -14,6 +14,7 @@ only (REFERENCE.md). `llama_gqa` also carries a tiny character-level tokenizer.j
   llama_mha_tied Llama, MHA, tied embeddings, head_dim != hidden / heads, rope_theta 500000
   deepseek_q     DeepSeek-V3 MLA, low-rank query (q_lora_rank), interleaved RoPE, dense MLPs
   deepseek_noq   DeepSeek-V3 MLA, full-rank query (q_lora_rank None)
+  deepseek_v2    DeepSeek-V2 MLA (complex-number interleaved RoPE), low-rank query
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def configs():
           num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None, kv_lora_rank=12,
           qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, first_k_dense_replace=LAYERS,
           n_routed_experts=4, num_mtp_layers=0, tie_word_embeddings=True, **common),
+      "deepseek_v2": transformers.DeepseekV2Config(
+          num_attention_heads=4, num_key_value_heads=4, q_lora_rank=20, kv_lora_rank=10,
+          qk_nope_head_dim=6, qk_rope_head_dim=6, v_head_dim=4, first_k_dense_replace=LAYERS,
+          n_routed_experts=4, tie_word_embeddings=False,
+          rope_parameters={"rope_type": "default", "rope_theta": 1000.0}, **common),
   }
 
 

@@ -20,7 +20,7 @@ from mla_jax.storage.workdir import Workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "hf"
-NAMES = ("llama_gqa", "llama_mha_tied", "deepseek_q", "deepseek_noq")
+NAMES = ("llama_gqa", "llama_mha_tied", "deepseek_q", "deepseek_noq", "deepseek_v2")
 
 
 def _logits(model, tokens):

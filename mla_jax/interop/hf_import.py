@@ -3,9 +3,9 @@
     import_hf("path/to/SmolLM-135M", "runs/smollm")   # config.json + *.safetensors (+ tokenizer)
 
 Supported: Llama-family MHA / GQA (`llama`, `mistral` without a sliding window) and
-DeepSeek-V3-style MLA (`deepseek_v3`) with dense MLPs. Anything the model here cannot reproduce
-exactly (MoE layers, rope scaling, biases, another activation) is refused with one line naming the
-config field, before anything is written. Layout facts: docs/interop.md.
+DeepSeek-V2/V3-style MLA (`deepseek_v2`, `deepseek_v3`) with dense MLPs. Anything the model here
+cannot reproduce exactly (MoE layers, rope scaling, biases, another activation) is refused with one
+line naming the config field, before anything is written. Layout facts: docs/interop.md.
 
 Name mapping (torch Linear weights are [out, in]; ours are [in, *out]):
   model.embed_tokens.weight [V, D]          -> embed.table [V, D]
@@ -34,7 +34,7 @@ from mla_jax.core.config import ModelConfig
 from mla_jax.interop import safetensors_np, workdir_io
 
 LLAMA_TYPES = ("llama", "mistral")
-MLA_TYPES = ("deepseek_v3",)
+MLA_TYPES = ("deepseek_v3", "deepseek_v2")  # the same tensors; V2's RoPE is always interleaved
 SUPPORTED = LLAMA_TYPES + MLA_TYPES
 # DeepSeek-V3's latent norms (q_a_layernorm, kv_a_layernorm) use this eps whatever rms_norm_eps is.
 DEEPSEEK_LATENT_EPS = 1e-6
@@ -94,7 +94,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     attention = "mha" if g == h else "mqa" if g == 1 else "gqa"
     return ModelConfig(attention=attention, n_kv_heads=g if attention == "gqa" else 0,
                        head_dim=head_dim, rope_layout="half", **common)
-  # DeepSeek-V3: every layer from first_k_dense_replace on is MoE.
+  # DeepSeek-V2 / V3: every layer from first_k_dense_replace on is MoE.
   dense = hf.get("first_k_dense_replace")
   if dense is None or dense < n_layers:
     _fail("first_k_dense_replace", f"{dense}: layers {dense or 0}..{n_layers - 1} are MoE, which "
@@ -105,7 +105,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
   return ModelConfig(attention="mla", q_lora_rank=hf.get("q_lora_rank") or 0,
                      kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
                      qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
-                     rope_layout="interleaved" if hf.get("rope_interleave", True) else "half",
+                     rope_layout="interleaved" if kind == "deepseek_v2" or
+                     hf.get("rope_interleave", True) else "half",
                      **common)
 
 
