@@ -52,6 +52,11 @@ def _run_all(graphdef, state, tokens, policies, prefill_len, chunk):
                p, prefill_len, chunk) for p in policies]
 
 
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+def _forward(graphdef, state, tokens):
+  return nnx.merge(graphdef, state)(tokens)
+
+
 def _tokens(n, batch=2, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, 64, (batch, n)), jnp.int32)
 
@@ -60,7 +65,7 @@ def _tokens(n, batch=2, seed=0):
 def test_budget_at_least_the_sequence_gives_the_uncompressed_logits(attention):
   model = _model(attention)
   tokens = _tokens(14)
-  ref = model(tokens)
+  ref = _forward(*nnx.split(model), tokens)
   policies = tuple(make(n, 16) for n in ("none",) + EVICTING)
   policies += (make("streaming", 16, positions="cache"), make("h2o", 16, positions="cache"))
   for p, (logits, _, _) in zip(policies, _run_all(*nnx.split(model), tokens, policies, 6, 6)):
@@ -74,7 +79,8 @@ def test_cache_holds_its_budget_sinks_and_window_at_every_step(attention):
   tokens = _tokens(n)
   policies = tuple(make(name, b, n_sink=2, window=3) for name in EVICTING)
   policies += (make("h2o", b, n_sink=2, window=3, positions="cache"),
-               make("streaming", 5, n_sink=2, window=3))
+               make("streaming", 5, n_sink=2, window=3),
+               make("h2o", b, n_sink=2, window=3, quant="int4", group=4))  # composes with quant
   results = _run_all(*nnx.split(model), tokens, policies, prefill_len, 5)
   g = 1 if attention == "mla" else 2
   for p, (_, pos, n_valid) in zip(policies, results):

@@ -4,10 +4,12 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from model_helpers import random_module, tiny
 
 from mla_jax.core.model import Transformer
@@ -28,7 +30,9 @@ def test_streaming_protocol_without_eviction_is_the_model_loss():
   val = np.random.default_rng(0).integers(0, 256, 500).astype(np.int32)
   out = evaluate.streaming_bpb(model, val, 1.0, make("none", 0), 24, windows=1)
   window = jnp.asarray(val[:25][None])
-  nats = optax.softmax_cross_entropy_with_integer_labels(model(window[:, :-1]), window[:, 1:])
+  graphdef, state = nnx.split(model)
+  logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, window[:, :-1])
+  nats = optax.softmax_cross_entropy_with_integer_labels(logits, window[:, 1:])
   assert out["tokens"] == 24
   assert out["bpb"] == pytest.approx(float(nats.mean()) / np.log(2), rel=1e-5)
   squeezed = evaluate.streaming_bpb(model, val, 1.0, make("streaming", 8, positions="cache"), 24)
