@@ -105,3 +105,31 @@ def test_sweep_report_and_plots_from_rows(tmp_path):
   assert "| mha | mha | h2o | none | 0.5 | 64 | 2100 | 2.1000 | +0.1000 | 0.50 |" in report
   assert (tmp_path / "pareto_bpb.png").stat().st_size > 0
   assert (tmp_path / "pareto_passkey_64.png").stat().st_size > 0
+
+
+def test_compress_sweep_on_a_tiny_trained_model(tmp_path):
+  from mla_jax.experiment import load_config
+  from mla_jax.training import trainer
+
+  runs = tmp_path / "runs"
+  words = np.random.default_rng(0).choice(["the", "grass", "is", "green.", "sky", "blue,"], 8000)
+  (tmp_path / "text.txt").write_text(" ".join(words))
+  config = load_config(f"{REPO}/configs/lm.py:attn=mqa,size=tiny",
+                       {"train.peak_flops": 2e11, "train.steps": 2, "train.eval_every": 2,
+                        "train.ckpt_every": 2, "train.log_every": 1, "train.log_health": False,
+                        "data.path": str(tmp_path / "text.txt")})
+  trainer.train(config, str(runs / "mqa"))
+  (runs / "not_a_run").mkdir()
+  result = sweep.run_compress_sweep(str(runs), str(tmp_path / "out"), policies=("h2o",),
+                                    ratios=(0.75,), quants=("none", "int8"), windows=2,
+                                    progress=lambda text: None)
+  rows = {(r["policy"], r["quant"]): r for r in result["rows"]}
+  assert set(rows) == {("none", "none"), ("none", "int8"), ("h2o", "none")}
+  base, h2o = rows["none", "none"], rows["h2o", "none"]
+  assert base["variant"] == "mqa" and h2o["budget"] == 8  # a quarter of the 32-token prefix
+  # MQA, 2 layers, head dim 16, float32: 2 * 16 * 2 * 4 = 256 bytes per token uncompressed; the
+  # 8 kept slots of 32 plus 16 bytes of bookkeeping per slot and layer.
+  assert base["bytes_per_token"] == 256
+  assert h2o["bytes_per_token"] == pytest.approx((256 + 2 * 16) * 8 / 32)
+  assert all(np.isfinite(r["bpb"]) for r in result["rows"])
+  assert all((tmp_path / "out" / f).exists() for f in ("report.md", "pareto_bpb.png"))
