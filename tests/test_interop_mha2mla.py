@@ -135,11 +135,12 @@ def test_2norm_scores_and_decode_with_per_group_rope_keys():
   full = _logits(workdir_io.build_model(new_cfg, new))
   for impl in ("absorbed", "naive"):
     mla = workdir_io.build_model(dataclasses.replace(new_cfg, mla_decode_impl=impl), new)
+    extend = nnx.jit(lambda m, tokens, cache: m.extend(tokens, cache))
     cache = cache_lib.init_cache(new_cfg, 2, 16)
-    out, cache = mla.extend(jnp.asarray(TOKENS[:, :9]), cache)
+    out, cache = extend(mla, jnp.asarray(TOKENS[:, :9]), cache)
     steps = [np.asarray(out)]
     for t in range(9, 12):  # one-token decode steps through the per-group rope-key cache
-      out, cache = mla.extend(jnp.asarray(TOKENS[:, t:t + 1]), cache)
+      out, cache = extend(mla, jnp.asarray(TOKENS[:, t:t + 1]), cache)
       steps.append(np.asarray(out))
     np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=2e-5, rtol=1e-5)
   assert cache.layers[0].k_rope.shape == (2, 16, 2 * 4)
