@@ -166,3 +166,15 @@ def test_exported_directory_loads_in_transformers(tmp_path):  # pragma: no cover
     with torch.no_grad():
       logits = model(torch.from_numpy(np.load(FIXTURES / name / "inputs.npy")).long()).logits
     assert _close(logits.float().numpy(), np.load(FIXTURES / name / "logits.npy"))
+
+
+def test_bfloat16_checkpoints_import_as_float32(tmp_path):
+  import ml_dtypes
+  d = FIXTURES / "llama_gqa"
+  tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in safetensors_np.load_dir(d).items()}
+  safetensors_np.save(tensors, str(tmp_path / "model.safetensors"))
+  cfg = hf_import.model_config_from_hf(hf_import.read_hf_config(str(d)))
+  params = hf_import.params_from_hf(cfg, safetensors_np.load_dir(tmp_path))
+  assert all(v.dtype == np.float32 for v in params.values())
+  logits = _logits(workdir_io.build_model(cfg, params), np.load(d / "inputs.npy"))
+  assert np.abs(logits - np.load(d / "logits.npy")).max() < 0.1  # bf16 weights: ~3 digits
