@@ -19,8 +19,9 @@ POSITIONS = ("original", "cache")
 # Published defaults (docs/kvcompress.md, REFERENCE.md section 5): StreamingLLM keeps 4 sinks;
 # H2O splits its budget half heavy hitters, half recent window; SnapKV observes the last 32 queries
 # and pools their votes with a kernel of 7; KIVI quantises in groups of 32 and keeps the most
-# recent tokens in full precision.
-DEFAULT_SINKS = {"streaming": 4, "none": 0}
+# recent tokens in full precision. Byte-level models have no BOS: FastGen's special token is the
+# first one.
+DEFAULT_SINKS = {"streaming": 4, "none": 0, "fastgen": 1}  # FastGen: the first token is "special"
 KIVI_GROUP = 32
 
 
