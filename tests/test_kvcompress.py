@@ -179,3 +179,26 @@ def test_budget_as_tokens_or_fraction():
   assert parse_budget("0", 1024) == 0
   with pytest.raises(PolicyError, match="--cache_budget"):
     parse_budget("1.5", 1024)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
+def _prefill_and_reference(graphdef, state, tokens, policy):
+  from mla_jax.core import cache as cache_lib
+  model = nnx.merge(graphdef, state)
+  _, ours = decode.extend(model, budget.init_cache(model.cfg, policy, 1, 16), tokens, policy)
+  _, ref = model.extend(tokens, cache_lib.init_cache(model.cfg, 1, 16))
+  return ours.layers[0]["aux"], ref.layers[0]
+
+
+@pytest.mark.parametrize("name", ["vatp", "l2norm"])
+def test_mla_value_and_key_norms_come_from_the_latent(name):
+  model = _model("mla")
+  graphdef, state = nnx.split(model)
+  aux, ref = _prefill_and_reference(graphdef, state, _tokens(10, batch=1), make(name, 16))
+  c, kr = np.asarray(ref.c[0, :10]), np.asarray(ref.k_rope[0, :10])  # [S, C], [S, R]
+  if name == "vatp":  # L1 norm of the per-head values W_UV,h c, averaged over heads
+    w_uv = np.asarray(model.blocks[0].attn.wkv_b[...])[..., model.cfg.nope_dim:]  # [C, H, E]
+    want = np.abs(np.einsum("SC,CHE->SHE", c, w_uv)).sum(-1).mean(-1)
+  else:  # L2 norm of the absorbed path's key [c; k_R]
+    want = np.linalg.norm(np.concatenate([c, kr], -1), axis=-1)
+  np.testing.assert_allclose(np.asarray(aux)[0, 0, :10], want, rtol=1e-5)
