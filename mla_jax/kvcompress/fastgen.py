@@ -12,8 +12,10 @@ the profiled queries reaches `recovery`. GQA profiles each KV group on its heads
 (one latent set per layer) profiles the layer.
 
 In the fixed-budget cache the chosen policy sets the group's eviction priorities (`keep_key`):
-the tiers its set contains are kept first, the rest of the budget is filled by recency; the
-array stays S slots (fixed shapes), so the saving is in what is kept, not in the array size.
+the tiers its set contains are kept first, the rest of the budget is filled by recency (or by
+accumulated attention for frequency / full); the array stays S slots (fixed shapes), so the saving
+is in what is kept, not in the array size. Profiling needs a prefill chunk: a cache filled token
+by token (the streaming protocol) keeps every group at 'full' (H2O with a local window).
 """
 
 from __future__ import annotations
@@ -66,8 +68,10 @@ def keep_key(book: dict, mode, special, end, budget: int) -> jax.Array:
   book: pos, score, aux (1.0 for punctuation tokens) [B, G, N]; end [B] newest position + 1."""
   m = mode[..., None]
   recent = book["pos"] >= (end[:, None, None] - max(1, round(LOCAL_RATIO * budget)))
-  tier = (4.0 * special + 2.0 * ((m >= 1) & (book["aux"] > 0))
-          + 1.0 * ((m >= 2) & (m < 4) & recent))
+  # Frequency and full contain the local set too (FastGen's hybrid special + punct + frequent +
+  # local): without it a bounded 'full' group would be H2O without a window, which evicts each
+  # new token first (it has drawn the least attention yet).
+  tier = 4.0 * special + 2.0 * ((m >= 1) & (book["aux"] > 0)) + 1.0 * ((m >= 2) & recent)
   # Within a tier (float32 keeps ~1e-6 of it): heavy hitters for frequency / full, else recency.
   score = book["score"] / (book["score"].max(-1, keepdims=True) + 1e-9)
   newest = book["pos"] / (book["pos"].max(-1, keepdims=True) + 1.0)
