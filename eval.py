@@ -39,7 +39,8 @@ def define_flags():
   flags.DEFINE_string("cache_policy", "none", "Eviction policy: none, streaming, h2o, tova, "
                       "snapkv, l2norm, vatp, fastgen.")
   flags.DEFINE_string("cache_budget", "0", "Cache slots per layer and KV group: a token count or "
-                      "a fraction of the context (0: no eviction).")
+                      "a fraction of the compressed context, the first half of a training "
+                      "window (0: no eviction).")
   flags.DEFINE_string("cache_quant", "none", "Cache storage: none, int8, int4 (KIVI-style).")
   flags.DEFINE_string("cache_positions", "auto", "original, cache (StreamingLLM's re-assignment) "
                       "or auto (cache for streaming).")

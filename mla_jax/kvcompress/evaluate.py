@@ -272,17 +272,20 @@ def policy_from_flags(name: str, budget: str, quant: str, *, positions: str = "a
 def evaluate_workdir_policy(workdir: str, flags: dict, *, which: str = "latest",
                             data: str | None = None, progress=None) -> dict:
   """eval.py --cache_policy: loads the workdir's model, tokenizer and validation split, then
-  evaluate_policy at the training seq_len. flags: name, budget, quant, positions, window, sinks,
-  group (policy_from_flags), stream_tokens, windows, passkey_lengths, passkey_trials, grid."""
+  evaluate_policy at the training seq_len (budget fractions: of the first half of a window).
+  flags: name, budget, quant, positions, window, sinks, group (policy_from_flags), stream_tokens,
+  windows, passkey_lengths, passkey_trials, grid."""
   from mla_jax.evaluation.workdir_eval import load_val, parse_data
   from mla_jax.storage.workdir import Workdir
 
   wd = Workdir.open(workdir)
   seq_len = wd.config["data"]["seq_len"]
+  # The compressed context: prefix_bpb's prefix, the first half of a training window. A budget
+  # fraction is of it (as in the ratio grid); a token budget is capped at it.
   policy = policy_from_flags(flags["name"], flags["budget"], flags["quant"],
                              positions=flags.get("positions", "auto"),
                              window=flags.get("window", -1), sinks=flags.get("sinks", -1),
-                             group=flags.get("group", 32), context=seq_len)
+                             group=flags.get("group", 32), context=seq_len - seq_len // 2)
   model = wd.load_model(which)
   budget_lib.check_model(model.cfg)
   val, bytes_per_token, _ = load_val(wd, parse_data(data, wd.config))
