@@ -126,10 +126,11 @@ def test_fastgen_profile_picks_full_for_spread_and_locality_for_local_heads():
                                                             "punctuation"]
 
 
-def test_decode_step_traces_once_per_policy():
+@pytest.mark.parametrize("name", ("none",) + EVICTING)
+def test_decode_step_traces_once_per_policy(name):
   model = _model("gqa")
   graphdef, state = nnx.split(model)
-  p = make("h2o", 6, n_sink=1, window=2)
+  p = make(name, 6, n_sink=1, window=2, quant="int8" if name == "h2o" else "none", group=2)
   cache = budget.init_cache(model.cfg, p, 1, 32)
   _, cache = decode.prefill(model, cache, _tokens(4, batch=1), p)
   before = decode.TRACES.get(("extend", p, (1, 1)), 0)
