@@ -39,6 +39,22 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   sys.exit(1)
 
 
+def quiet_and_require(*names: str) -> None:
+  """Start of a converter script (scripts/import_hf.py, export_hf.py, convert_mha2mla.py): absl
+  and orbax logs down to warnings, and one line (exit 1) naming the first missing flag."""
+  from absl import logging
+
+  from mla_jax.storage.checkpoint import quiet_orbax_logs
+
+  logging.set_verbosity(logging.WARNING)
+  quiet_orbax_logs()
+  missing = [f"--{n}" for n in names if getattr(FLAGS, n) in (None, "")]
+  if missing:
+    print(f"error: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required",
+          file=sys.stderr)
+    sys.exit(1)
+
+
 def check_args(argv: list[str], workdir: str | None, what: str) -> None:
   """Exits with one line for stray positional arguments (2) or a missing --workdir (1);
   `what` says what the workdir is, e.g. 'the directory train.py wrote'."""

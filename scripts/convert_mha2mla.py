@@ -36,17 +36,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from absl import logging
-
+  from mla_jax.cli import quiet_and_require
   from mla_jax.interop.mha2mla import convert
-  from mla_jax.storage.checkpoint import quiet_orbax_logs
 
-  logging.set_verbosity(logging.WARNING)
-  quiet_orbax_logs()
-  missing = [f"--{n}" for n in ("src", "dst", "rope_dims", "kv_rank") if getattr(FLAGS, n) is None]
-  if missing:
-    print(f"error: {missing[0]} is required", file=sys.stderr)
-    sys.exit(1)
+  quiet_and_require("src", "dst", "rope_dims", "kv_rank")
   try:
     out = convert(FLAGS.src, FLAGS.dst, FLAGS.rope_dims, FLAGS.kv_rank, FLAGS.rope_strategy,
                   FLAGS.svd, FLAGS.calib_batches, FLAGS.which, overwrite=FLAGS.overwrite,

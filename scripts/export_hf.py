@@ -24,16 +24,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from absl import logging
-
+  from mla_jax.cli import quiet_and_require
   from mla_jax.interop.hf_export import export_hf
-  from mla_jax.storage.checkpoint import quiet_orbax_logs
 
-  logging.set_verbosity(logging.WARNING)
-  quiet_orbax_logs()
-  if not FLAGS.workdir or not FLAGS.out:
-    print("error: --workdir and --out are required", file=sys.stderr)
-    sys.exit(1)
+  quiet_and_require("workdir", "out")
   try:
     out = export_hf(FLAGS.workdir, FLAGS.out, FLAGS.which, overwrite=FLAGS.overwrite)
     if FLAGS.reference:

@@ -23,16 +23,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from absl import logging
-
+  from mla_jax.cli import quiet_and_require
   from mla_jax.interop.hf_import import import_hf
-  from mla_jax.storage.checkpoint import quiet_orbax_logs
 
-  logging.set_verbosity(logging.WARNING)
-  quiet_orbax_logs()
-  if not FLAGS.hf_dir or not FLAGS.workdir:
-    print("error: --hf_dir and --workdir are required", file=sys.stderr)
-    sys.exit(1)
+  quiet_and_require("hf_dir", "workdir")
   try:
     out = import_hf(FLAGS.hf_dir, FLAGS.workdir, overwrite=FLAGS.overwrite)
   except (ValueError, OSError) as e:
