@@ -16,6 +16,12 @@ A sweep is a config file, configs/sweeps/<name>.py (or any path), whose get_conf
      than the run's last checkpoint is read back instead (re-render the report without re-timing).
 Then OUT/results.json, OUT/report.md and OUT/*.png (evaluation.report). Only those go in OUT when
 --runs_dir points elsewhere (keep workdirs out of docs/).
+
+With --compress=h2o,tova,... the first seed's final run of every variant then goes through the
+inference-time compression sweep (mla_jax/kvcompress/sweep.py: each policy at kvpress's grid of
+fractions evicted, each --compress_quants quantisation) into OUT/kvcompress/: trained-in and
+inference-time compression on one chart of bpb against effective bytes per token. The same as
+`scripts/compress_sweep.py --runs_dir=RUNS_DIR --only=<those runs>`.
 """
 
 from __future__ import annotations
@@ -50,10 +56,38 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    policies = [p for p in FLAGS.compress.split(",") if p]
+    if policies:  # checked before hours of training, not after
+      from mla_jax.kvcompress.policy import POLICIES, QUANTS
+      bad = [p for p in policies if p not in POLICIES[1:]]
+      bad += [q for q in FLAGS.compress_quants.split(",") if q not in QUANTS]
+      if bad:
+        raise SweepError(f"--compress / --compress_quants: unknown {bad}; policies "
+                         f"{POLICIES[1:]}, quantisations {QUANTS}")
     run_sweep(FLAGS.sweep, FLAGS.out, FLAGS.runs_dir, FLAGS.steps, FLAGS.reuse, FLAGS.only)
+    if policies:
+      compress(policies)
   except (SweepError, ValueError, FileNotFoundError, KeyError) as e:
     print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
     sys.exit(1)
+
+
+def compress(policies: list[str]) -> None:
+  """The inference-time compression sweep on the first seed of every variant's final runs."""
+  import os
+
+  from mla_jax.evaluation.sweep import expand_runs, load_sweep, seeds_of
+  from mla_jax.kvcompress.sweep import run_compress_sweep
+
+  sweep = load_sweep(FLAGS.sweep)
+  first = seeds_of(sweep)[0]
+  names = tuple(r["name"] for r in expand_runs(sweep, FLAGS.steps) if r["seed"] == first
+                and (not FLAGS.only or r["variant"] in FLAGS.only.split(",")))
+  runs_dir = FLAGS.runs_dir or os.path.join(FLAGS.out, "runs")
+  out = os.path.join(FLAGS.out, "kvcompress")
+  run_compress_sweep(runs_dir, out, tuple(policies), quants=tuple(FLAGS.compress_quants.split(",")),
+                     only=names, progress=lambda t: print(f"[compress] {t}", flush=True))
+  print(f"[compress] wrote {out}/report.md", flush=True)
 
 
 def define_flags():
@@ -67,6 +101,9 @@ def define_flags():
   flags.DEFINE_bool("params", False, "Only print parameter counts (and d_ff that would match the "
                     "reference run) and exit.")
   flags.DEFINE_string("only", None, "Comma-separated run names: train/evaluate only these.")
+  flags.DEFINE_string("compress", "", "Eviction policies for the inference-time compression "
+                      "sweep on each variant's first-seed final run (empty: none).")
+  flags.DEFINE_string("compress_quants", "none,int8,int4", "Cache quantisations for --compress.")
 
 
 if __name__ == "__main__":

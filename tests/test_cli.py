@@ -194,6 +194,12 @@ def test_missing_workdir_says_what_it_wants():
     assert p.returncode == 1 and p.stderr.startswith("error: --workdir is required: "), p.stderr
 
 
+def test_compare_refuses_an_unknown_compress_policy_before_training(tmp_path):
+  p = cli("scripts/compare.py", "--sweep=tiny", f"--out={tmp_path}", "--compress=h2o,lru")
+  assert p.returncode == 1 and p.stderr.startswith("error: --compress") and "'lru'" in p.stderr
+  assert os.listdir(tmp_path) == []  # nothing trained
+
+
 def test_cli_finished_run_prints_result_and_next_steps(finished, text):
   wd, first = finished
   p = cli("train.py", "--config=configs/lm.py:size=tiny", f"--workdir={wd}",
