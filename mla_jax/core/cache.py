@@ -92,7 +92,10 @@ def schedule_after(x: jax.Array, dep: jax.Array) -> jax.Array:
   (2) the full copies made from the cache, GQA's [B, G, S, K] relayout and naive MLA's
       decompression, each to what it waits for: otherwise XLA:CPU runs every layer's copies at
       the start of the step, all live at once (GQA batch 1 2.5x slower).
+  Only on CPU (jax.default_backend()): elsewhere x is returned as is.
   """
+  if jax.default_backend() != "cpu":  # GPU/TPU schedulers order these themselves; a tie would
+    return x  # only add a select per element (not yet measured on a GPU)
   ready = ~(dep.reshape(dep.shape[0], -1)[:, 0] > jnp.inf)  # always True (NaN too); XLA can't tell
   return jnp.where(ready.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
 
