@@ -60,6 +60,9 @@ class ModelConfig:
   # Training / prefill without a cache runs causal attention in query blocks of this many tokens,
   # each scoring only the keys it can see (about half the T x T work skipped); 0 = one block.
   attn_block: int = 128
+  # Causal attention without a cache: blocked (the einsums above) | xla | cudnn
+  # (jax.nn.dot_product_attention) | auto (cudnn on a GPU where it applies, else blocked).
+  attn_impl: str = "auto"
   # Shared.
   rope_theta: float = 10000.0
   rope_layout: str = "half"  # half (Llama/HF) | interleaved (DeepSeek checkpoints)
@@ -162,6 +165,8 @@ def _validate(c: ModelConfig) -> None:
       _fail(name, f"{getattr(c, name)!r} is not one of {tuple(DTYPES)}")
   if c.cache_dtype and c.cache_dtype not in DTYPES:
     _fail("cache_dtype", f"{c.cache_dtype!r} is not one of {tuple(DTYPES)} (or '' for dtype)")
+  if c.attn_impl not in ("auto", "blocked", "xla", "cudnn"):
+    _fail("attn_impl", f"{c.attn_impl!r} is not one of auto, blocked, xla, cudnn")
   if c.mla_up_init_std < 0:
     _fail("mla_up_init_std", f"must be >= 0 (0: init_std), got {c.mla_up_init_std}")
   if c.norm_eps <= 0 or c.rope_theta <= 0 or c.init_std <= 0:
