@@ -69,6 +69,40 @@ def write_after(buffer: jax.Array, new: jax.Array, lengths: jax.Array, out: jax.
   return cache_lib.write(buffer, schedule_after(new, out), lengths)
 
 
+def resolve_attn_impl(impl: str, dtype, dims: tuple[int, ...]) -> str:
+  """cfg.attn_impl -> 'blocked' | 'xla' | 'cudnn'. 'auto': cuDNN's fused kernel on a GPU when the
+  compute dtype is bfloat16 / float16 and every padded head dim `dims` is a multiple of 8 and at
+  most 128 (what cuDNN's flash attention takes), XLA's dot_product_attention on a TPU (a splash
+  kernel is not wired in), and the blocked einsums elsewhere: on XLA:CPU they were measured
+  faster (scripts/bench_train.py) and skip the masked half of the scores. Not yet measured on a
+  GPU or TPU."""
+  if impl != "auto":
+    return impl
+  backend = jax.default_backend()
+  if backend == "gpu":
+    ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and all(d % 8 == 0 and d <= 128
+                                                                  for d in dims)
+    return "cudnn" if ok else "blocked"
+  return "xla" if backend == "tpu" else "blocked"
+
+
+def fused_causal_attention(q, k, v, scale: float, impl: str) -> jax.Array:
+  """Causal self-attention of T tokens through jax.nn.dot_product_attention ('xla' | 'cudnn').
+
+  q [B, T, H, K], k [B, T, G, K], v [B, T, G, E] (query head h reads kv head h // (H / G), as
+  GQAttention groups them) -> [B, T, H, E]. The function needs one head dim for q, k and v: when
+  E != K (MLA) the narrower side is zero-padded, which changes no score (zeros add nothing to
+  q . k) and no output column that is kept (the padded value columns are sliced off).
+  """
+  kd, e = q.shape[-1], v.shape[-1]
+  width = max(kd, e)
+  pad = lambda x: x if x.shape[-1] == width else jnp.pad(
+      x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v.astype(k.dtype)), scale=scale,
+                                     is_causal=True, implementation=impl)
+  return out[..., :e]
+
+
 class GQAttention(nnx.Module):
   """H query heads share G key/value heads: G = H is MHA, G = 1 is MQA."""
 
@@ -104,6 +138,10 @@ class GQAttention(nnx.Module):
     attend = lambda values, probs: jnp.einsum("BSGK,BGMTS->BTGMK", values, probs.astype(dt))
     out_proj = lambda o: dense(o.reshape(b, t, h, kd), c(self.wo), n_in=2)
     if cache is None:
+      impl = resolve_attn_impl(cfg.attn_impl, dt, (kd,))
+      if impl != "blocked" and not probes.active():  # probes read the blocked path's max logit
+        o = fused_causal_attention(q.reshape(b, t, h, kd), k, v, kd ** -0.5, impl)
+        return out_proj(o), None
       o = causal_attention(t, cfg.attn_block, lambda rows, end: scores(k[:, :end], rows),
                            lambda end, probs: attend(v[:, :end], probs))
       return out_proj(o), None
@@ -142,7 +180,15 @@ def _rope_scores(q_rope: jax.Array, k_rope: jax.Array) -> jax.Array:
   return s.reshape(b, h, t, k_rope.shape[1])
 
 
-def mla_naive(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=None):
+def _rope_key_per_head(k_rope: jax.Array, h: int) -> jax.Array:
+  """The rope key(s) [B, T, R] or [B, T, G, R] -> [B, T, H, R], query head h's own copy."""
+  if k_rope.ndim == 3:
+    return jnp.broadcast_to(k_rope[:, :, None], k_rope.shape[:2] + (h, k_rope.shape[-1]))
+  return jnp.repeat(k_rope, h // k_rope.shape[2], axis=2)
+
+
+def mla_naive(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=None,
+              fused=None):
   """MLA as DeepSeek-V2 section 2.1 writes it: per-head keys and values rebuilt from the latents.
 
     k_C[j, h] = W_UK,h c_j      v[j, h] = W_UV,h c_j
@@ -150,7 +196,9 @@ def mla_naive(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=N
     o[t, h] = sum_j softmax_j(s[h, t]) v[j, h]                                    -> [B, T, H, E]
 
   Rebuilds H * (N + E) numbers per slot: for training and prefill, where T ~ S; 20x slower than
-  mla_absorbed at 16k decode (scripts/bench_decode.py).
+  mla_absorbed at 16k decode (scripts/bench_decode.py). fused ('xla' | 'cudnn'), without past:
+  the causal attention runs in jax.nn.dot_product_attention over keys [k_C ; k_R] of N + R dims
+  and values of E dims (fused_causal_attention pads them to one width).
   """
   n, dt = q_nope.shape[-1], wkv_b.dtype
   w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
@@ -163,6 +211,10 @@ def mla_naive(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=N
   attend = lambda v, probs: jnp.einsum("BHTS,BSHE->BTHE", probs.astype(dt), v)  # -> [B, T, H, E]
   if past is None:
     k_c, v = dense(c, w_uk), dense(c, w_uv)  # [B, T, H, N], [B, T, H, E]
+    if fused:
+      q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [B, T, H, N + R]
+      k = jnp.concatenate([k_c, _rope_key_per_head(k_rope, q_nope.shape[2]).astype(dt)], axis=-1)
+      return fused_causal_attention(q, k, v, scale, fused)
     return causal_attention(q_nope.shape[1], block,
                             lambda rows, end: scores(k_c[:, :end], k_rope[:, :end], rows),
                             lambda end, probs: attend(v[:, :end], probs))
@@ -174,7 +226,8 @@ def mla_naive(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=N
   return attend(dense(schedule_after(c_old, p_old), w_uv), p_old) + attend(dense(c, w_uv), p_new)
 
 
-def mla_absorbed(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=None):
+def mla_absorbed(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=None,
+                 fused=None):
   """The same attention with W_UK folded into the query and W_UV applied after attending, so it
   runs over the C-wide latents directly, like MQA with one shared key [c; k_R] and value c:
 
@@ -184,7 +237,9 @@ def mla_absorbed(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, length
     o[t, h] = W_UV,h o~[t, h]                                               [B, T, H, E]
 
   Equal to mla_naive: q_N . (W_UK c) = (W_UK^T q_N) . c and sum_j p_j W_UV c_j = W_UV sum_j p_j c_j.
-  Reads C + R numbers per slot and nothing per head: the decode path.
+  Reads C + R numbers per slot and nothing per head: the decode path. fused ('xla' | 'cudnn'),
+  without past and with one shared rope key: jax.nn.dot_product_attention as MQA, one kv head
+  with key [c ; k_R] (C + R dims) and value c (C dims).
   """
   n, dt = q_nope.shape[-1], wkv_b.dtype
   w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
@@ -197,7 +252,11 @@ def mla_absorbed(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, length
 
   # Cache operand first: ~3.5x faster on XLA:CPU than "BHTS,BSC->BTHC" (see GQAttention).
   attend = lambda c_, probs: jnp.einsum("BSC,BHTS->BTHC", c_, probs.astype(dt))  # -> [B, T, H, C]
-  if past is None:
+  if past is None and fused and k_rope.ndim == 3:
+    q = jnp.concatenate([q_c, q_rope], axis=-1)  # [B, T, H, C + R]
+    k = jnp.concatenate([c, k_rope], axis=-1)[:, :, None]  # [B, T, 1, C + R]
+    o = fused_causal_attention(q, k, c[:, :, None], scale, fused)  # [B, T, H, C]
+  elif past is None:
     o = causal_attention(q_nope.shape[1], block,
                          lambda rows, end: scores(c[:, :end], k_rope[:, :end], rows),
                          lambda end, probs: attend(c[:, :end], probs))
@@ -338,7 +397,14 @@ class MLAttention(nnx.Module):
     attention = MLA_PATHS[impl]
     wkv_b, wo = self.wkv_b[...].astype(dt), self.wo[...].astype(dt)
     if cache is None:
-      o = attention(q_nope, q_rope, latent, k_rope, wkv_b, block=cfg.attn_block)
+      kw = {}
+      if attention is not mla_pallas:
+        n, r, e = cfg.nope_dim, cfg.qk_rope_head_dim, cfg.v_dim
+        dims = (max(n + r, e),) if attention is mla_naive else (cfg.kv_lora_rank + r,)
+        fused = resolve_attn_impl(cfg.attn_impl, dt, dims)
+        if fused != "blocked" and not probes.active():  # probes read the blocked max logit
+          kw["fused"] = fused
+      o = attention(q_nope, q_rope, latent, k_rope, wkv_b, block=cfg.attn_block, **kw)
       return dense(o, wo, n_in=2), None
     latent = cache_lib.as_stored(latent, cache.c)
     k_rope = cache_lib.as_stored(k_rope, cache.k_rope)
