@@ -52,7 +52,9 @@ class Cache:
 
   @property
   def max_len(self) -> int:
-    return jax.tree.leaves(self.layers)[0].shape[1]
+    """S: the longest slot axis (YOCO's window rings may be shorter; DMC's per-head counts
+    [B, G] have no slot axis)."""
+    return max(x.shape[1] for x in jax.tree.leaves(self.layers) if x.ndim >= 3)
 
   def axes(self) -> "Cache":
     """The same tree with a tuple of logical axis names in place of each array."""
@@ -63,6 +65,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None) -> Cach
   """Zeros for `batch` sequences of up to `max_len` (default cfg.max_seq_len) tokens."""
   s = max_len or cfg.max_seq_len
   dt = cfg.kv_cache_dtype
+  if cfg.attention == "yoco":  # window rings + one global cache (core/yoco.py)
+    from mla_jax.core import yoco  # yoco imports this module
+    return Cache(layers=yoco.init_layers(cfg, batch, s), lengths=jnp.zeros((batch,), jnp.int32))
+  if cfg.dmc:  # padded per-head buffers with fill counts (core/dmc.py)
+    from mla_jax.core import dmc
+    return Cache(layers=dmc.init_layers(cfg, batch, s), lengths=jnp.zeros((batch,), jnp.int32))
   if cfg.attention == "mla":
     layer = lambda: LatentCache(c=jnp.zeros((batch, s, cfg.kv_lora_rank), dt),
                                 k_rope=jnp.zeros((batch, s, cfg.mla_rope_kv_heads
@@ -107,7 +115,9 @@ def as_stored(new: jax.Array, buffer: jax.Array) -> jax.Array:
 
 
 def cache_bytes_per_token(cache: Cache) -> float:
-  """Bytes per cached token measured from the arrays themselves (all layers, lengths excluded)."""
+  """Bytes per cached token measured from the arrays themselves (all layers, lengths excluded):
+  everything allocated over B * S. YOCO's constant window rings and DMC's per-head counters are
+  spread over the S slots (config.kv_cache_bytes gives the same total analytically)."""
   b, s = cache.lengths.shape[0], cache.max_len
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers))
   return total / (b * s)

@@ -6,7 +6,7 @@ place where such a config becomes a `ModelConfig`. Modules only ever see a `Mode
 Axis letters used across the package (einsums, shape comments, names):
   B batch, T query length, S key/cache length, D model width, H query heads, G kv heads,
   K qk head dim (MHA/GQA), N no-position qk dim (MLA), R rope dim, E value head dim (MLA),
-  C kv latent rank, Q query latent rank, F MLP hidden width, V vocabulary.
+  C kv latent rank, Q query latent rank, F MLP hidden width, V vocabulary, W window (YOCO).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-ATTENTION_TYPES = ("mha", "gqa", "mqa", "mla")
+ATTENTION_TYPES = ("mha", "gqa", "mqa", "mla", "yoco")
+DMC_DECISIONS = ("learned", "append", "merge")  # dmc_decisions: learned, or forced (tests)
 ROPE_LAYOUTS = ("half", "interleaved")
 MLA_IMPLS = ("naive", "absorbed")  # mla_prefill_impl
 # mla_decode_impl: also the fused Pallas kernel (kernels/mla_decode.py; interpret mode on CPU) and
@@ -34,7 +35,7 @@ class ModelConfig:
   n_layers: int = 4  # L
   n_heads: int = 4  # H
   d_ff: int = 0  # F, SwiGLU hidden width; 0 -> round(8/3 * D) up to a multiple of 64
-  attention: str = "mla"  # mha | gqa | mqa | mla
+  attention: str = "mla"  # mha | gqa | mqa | mla | yoco
   max_seq_len: int = 1024  # longest sequence the cache and RoPE tables are built for
   # MHA / GQA / MQA.
   n_kv_heads: int = 0  # G; 0 -> H for mha, 1 for mqa (required for gqa)
@@ -63,6 +64,23 @@ class ModelConfig:
   # Causal attention without a cache: blocked (the einsums above) | xla | cudnn
   # (jax.nn.dot_product_attention) | auto (cudnn on a GPU where it applies, else blocked).
   attn_impl: str = "auto"
+  # YOCO (arXiv 2405.05254; core/yoco.py): the first L/2 layers attend over a sliding window of
+  # yoco_window tokens (n_kv_heads kv heads, 0 -> H) and cache it in a ring buffer; their output
+  # gives ONE global cache read by the last L/2 layers: yoco_kv_heads key/value heads (0 -> the
+  # self-decoder's), or with yoco_latent an MLA latent (kv_lora_rank C + qk_rope_head_dim R).
+  yoco_window: int = 64  # W
+  yoco_kv_heads: int = 0
+  yoco_latent: bool = False
+  # DMC (arXiv 2403.09636; core/dmc.py): MHA / GQA / MQA whose cache appends or merges each
+  # token per kv head. Training drives the slots/tokens fraction to 1 / dmc_target, the target
+  # ramped linearly from 1 over dmc_ramp_steps (0: no ramp), with a Gumbel-sigmoid decision at
+  # dmc_temperature and an L1 loss weighted by dmc_loss_weight; inference decides hard.
+  dmc: bool = False
+  dmc_target: float = 2.0
+  dmc_ramp_steps: int = 0
+  dmc_temperature: float = 0.1
+  dmc_loss_weight: float = 1.0
+  dmc_decisions: str = "learned"  # DMC_DECISIONS; append / merge force every decision
   # Shared.
   rope_theta: float = 10000.0
   rope_layout: str = "half"  # half (Llama/HF) | interleaved (DeepSeek checkpoints)
@@ -82,7 +100,15 @@ class ModelConfig:
   # Derived sizes: resolved once here so modules never repeat the defaulting rules.
   @property
   def kv_heads(self) -> int:
+    """G: kv heads of the GQA family's layers and of YOCO's self-decoder (0 -> H there)."""
+    if self.attention == "yoco":
+      return self.n_kv_heads or self.n_heads
     return {"mha": self.n_heads, "mqa": 1}.get(self.attention, self.n_kv_heads)
+
+  @property
+  def yoco_global_kv_heads(self) -> int:
+    """Key/value heads of YOCO's one global cache (GQA form)."""
+    return self.yoco_kv_heads or self.kv_heads
 
   @property
   def qk_head_dim(self) -> int:
@@ -176,6 +202,9 @@ def _validate(c: ModelConfig) -> None:
     _validate_mla(c)
   else:
     _validate_gqa(c)
+  if c.attention == "yoco":
+    _validate_yoco(c)
+  _validate_dmc(c)
 
 
 def _validate_gqa(c: ModelConfig) -> None:
@@ -191,6 +220,47 @@ def _validate_gqa(c: ModelConfig) -> None:
     _fail("head_dim", f"d_model={c.d_model} is not divisible by n_heads={c.n_heads}; set head_dim")
   if c.qk_head_dim % 2:
     _fail("head_dim", f"RoPE needs an even head dim, got {c.qk_head_dim}")
+
+
+def _validate_yoco(c: ModelConfig) -> None:
+  if c.n_layers < 2 or c.n_layers % 2:
+    _fail("n_layers", f"attention='yoco' splits the layers into a self-decoder and a cross-decoder "
+          f"half: needs an even number >= 2, got {c.n_layers}")
+  if not isinstance(c.yoco_window, int) or c.yoco_window < 1:
+    _fail("yoco_window", f"must be a positive integer (the self-decoder's window), got "
+          f"{c.yoco_window!r}")
+  if not isinstance(c.yoco_kv_heads, int) or c.yoco_kv_heads < 0 or (
+      c.yoco_kv_heads and c.n_heads % c.yoco_kv_heads):
+    _fail("yoco_kv_heads", f"must be 0 (the self-decoder's) or a divisor of n_heads={c.n_heads}, "
+          f"got {c.yoco_kv_heads!r}")
+  if c.yoco_latent:
+    if c.yoco_kv_heads:
+      _fail("yoco_kv_heads", "is for the key/value global cache; yoco_latent caches one latent "
+            "(set yoco_kv_heads=0)")
+    if c.mla_rope_kv_heads != 1 or c.mla_rope_pairs:
+      _fail("mla_rope_kv_heads", "yoco_latent caches one shared rope key with the standard "
+            "frequencies (mla_rope_kv_heads=1, no mla_rope_pairs)")
+    _validate_mla(c)
+
+
+def _validate_dmc(c: ModelConfig) -> None:
+  if c.dmc_decisions not in DMC_DECISIONS:
+    _fail("dmc_decisions", f"{c.dmc_decisions!r} is not one of {DMC_DECISIONS}")
+  if not c.dmc:
+    return
+  if c.attention not in ("mha", "gqa", "mqa"):
+    _fail("dmc", f"retrofits the GQA family's caches (attention mha, gqa or mqa), not "
+          f"attention={c.attention!r}")
+  if not c.dmc_target >= 1:
+    _fail("dmc_target", f"is a compression rate (tokens per slot): must be >= 1, got "
+          f"{c.dmc_target}")
+  if not isinstance(c.dmc_ramp_steps, int) or c.dmc_ramp_steps < 0:
+    _fail("dmc_ramp_steps", f"must be a non-negative integer (0: no ramp), got "
+          f"{c.dmc_ramp_steps!r}")
+  if not c.dmc_temperature > 0:
+    _fail("dmc_temperature", f"must be positive, got {c.dmc_temperature}")
+  if not c.dmc_loss_weight >= 0:
+    _fail("dmc_loss_weight", f"must be >= 0, got {c.dmc_loss_weight}")
 
 
 def _validate_mla(c: ModelConfig) -> None:
@@ -231,14 +301,37 @@ def _validate_mla(c: ModelConfig) -> None:
 
 
 def kv_cache_bytes_per_token(c: ModelConfig) -> int:
-  """Analytic KV-cache bytes per token, all layers (docs/model.md).
+  """Analytic KV-cache bytes per token, all layers (docs/model.md): what the cache grows by per
+  token (per allocated slot).
 
   GQA family: 2 * G * K * L elements (K and V per kv head); MLA: (C + R_keys * R) * L elements
   (the normalised latent plus the already-rotated rope keys: one shared key in DeepSeek's MLA,
-  one per KV group, R_keys = mla_rope_kv_heads, in MHA2MLA conversions).
+  one per KV group, R_keys = mla_rope_kv_heads, in MHA2MLA conversions). YOCO: the ONE global
+  cache, 2 * G_x * K (or C + R with yoco_latent) for all layers; its window caches are a constant
+  per sequence (kv_cache_bytes). DMC: the slots allocated, as its source model (fixed-shape
+  buffers; the achieved compression is measured from a filled cache: dmc.compression_stats).
   """
-  if c.attention == "mla":
+  if c.attention == "yoco":
+    if c.yoco_latent:
+      elements = c.kv_lora_rank + c.qk_rope_head_dim
+    else:
+      elements = 2 * c.yoco_global_kv_heads * c.qk_head_dim
+  elif c.attention == "mla":
     elements = (c.kv_lora_rank + c.mla_rope_kv_heads * c.qk_rope_head_dim) * c.n_layers
   else:
     elements = 2 * c.kv_heads * c.qk_head_dim * c.n_layers
   return elements * jnp.dtype(c.kv_cache_dtype).itemsize
+
+
+def kv_cache_bytes(c: ModelConfig, context: int, batch: int = 1) -> int:
+  """Analytic bytes of init_cache(c, batch, context), every array of every layer: context slots
+  at kv_cache_bytes_per_token, plus what does not grow with the context. YOCO: L/2 window ring
+  buffers of min(W, context) slots, 2 * G * K elements each. DMC: per layer and kv head a fill
+  count (int32) and the last slot's importance sum (float32)."""
+  item = jnp.dtype(c.kv_cache_dtype).itemsize
+  total = kv_cache_bytes_per_token(c) * context
+  if c.attention == "yoco":
+    total += (c.n_layers // 2) * min(c.yoco_window, context) * 2 * c.kv_heads * c.qk_head_dim * item
+  if c.dmc:
+    total += c.n_layers * c.kv_heads * (4 + 4)
+  return total * batch

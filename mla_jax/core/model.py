@@ -3,6 +3,9 @@
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     logits = model(tokens)                       # [B, T] int32 -> [B, T, V] float32
     logits, cache = model.extend(tokens, cache)  # prefill or decode against an explicit cache
+
+YOCO (attention='yoco', core/yoco.py) and DMC (cfg.dmc, core/dmc.py) plug in here: their blocks
+take one extra argument (`extra`) and YOCO's layers run through yoco.forward.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import optax
 from flax import nnx
 
 from mla_jax.core import cache as cache_lib
+from mla_jax.core import dmc as dmc_lib
 from mla_jax.core import probes
+from mla_jax.core import yoco as yoco_lib
 from mla_jax.core.attention import GQAttention, MLAttention
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.layers import MLP, Embed, RMSNorm, dense, param
@@ -24,21 +29,33 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.params_dtype, rngs)
+    self.cross = cfg.attention == "yoco" and layer >= cfg.n_layers // 2  # static
     if cfg.attention == "mla":
       self.attn = MLAttention(cfg, rngs, layer=layer)  # layer: its kept rope frequencies
+    elif cfg.attention == "yoco":
+      self.attn = (yoco_lib.CrossAttention if self.cross else yoco_lib.WindowAttention)(cfg, rngs)
+    elif cfg.dmc:
+      self.attn = dmc_lib.DMCAttention(cfg, rngs)
     else:
       self.attn = GQAttention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.params_dtype, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, layer_cache=None, lengths=None):
-    h, layer_cache = self.attn(self.attn_norm(x), positions, layer_cache, lengths)
+  def __call__(self, x, positions, layer_cache=None, lengths=None, extra=None):
+    """extra: YOCO's window layers and DMC: n_valid [B] (DMC: with its rng); YOCO's cross layers:
+    the global pair of the new tokens (layer_cache is then the global cache, read only)."""
+    if self.cross:
+      h = self.attn(self.attn_norm(x), positions, extra, layer_cache, lengths)
+    elif extra is None:
+      h, layer_cache = self.attn(self.attn_norm(x), positions, layer_cache, lengths)
+    else:
+      h, layer_cache = self.attn(self.attn_norm(x), positions, layer_cache, lengths, extra)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), layer_cache
 
 
-def _run_block(block: Block, x, positions, layer_cache, lengths):
-  return block(x, positions, layer_cache, lengths)
+def _run_block(block: Block, x, positions, layer_cache, lengths, extra=None):
+  return block(x, positions, layer_cache, lengths, extra)
 
 
 # Recompute each block's activations in the backward pass instead of storing them (cfg.remat).
@@ -52,6 +69,8 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.embed = Embed(cfg, rngs)
     self.blocks = nnx.List([Block(cfg, rngs, i) for i in range(cfg.n_layers)])
+    if cfg.attention == "yoco":  # the global K/V (or latent) between the two halves
+      self.yoco_kv = yoco_lib.GlobalKV(cfg, rngs)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.params_dtype, rngs)
     if not cfg.tie_embeddings:
       self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
@@ -62,26 +81,46 @@ class Transformer(nnx.Module):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     return self._forward(tokens, positions, None)[0]
 
-  def extend(self, tokens: jax.Array, cache: cache_lib.Cache):
+  def extend(self, tokens: jax.Array, cache: cache_lib.Cache, n_valid: jax.Array | None = None):
     """Appends tokens [B, T] to the cache (sequence b at slots cache.lengths[b] ...).
 
     Returns (logits [B, T, V] float32, cache with lengths advanced by T). Used for prefill (T > 1)
     and decode (T = 1); right-padded prompts are fine: reset `lengths` to the true lengths after.
+    YOCO's window rings and DMC's merges cannot be rewound that way (padding would overwrite
+    or merge into real slots): for them pass n_valid [B], the real tokens of each row, and the
+    padding is not written (the other caches ignore it).
     """
     positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    logits, layers = self._forward(tokens, positions, cache)
+    logits, layers = self._forward(tokens, positions, cache, n_valid=n_valid)
     return logits, cache_lib.Cache(layers=layers, lengths=cache.lengths + tokens.shape[1])
 
-  def _forward(self, tokens, positions, cache):
+  def dmc_forward(self, tokens: jax.Array, rng: jax.Array | None = None):
+    """DMC's training pass: tokens [B, T] -> (logits [B, T, V] float32, slots [] float32, the
+    fraction of (token, layer, kv head) decisions that open a new slot: 1 / compression).
+    With rng, decisions are Gumbel-sigmoid relaxed (core/dmc.py); without, hard as in decode."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, per_layer = self._forward(tokens, positions, None, rng=rng)
+    return logits, jnp.mean(jnp.stack(per_layer))
+
+  def _forward(self, tokens, positions, cache, n_valid=None, rng=None):
+    """-> (logits, per-layer results): the new layer caches with a cache; without, None per layer
+    (DMC: each layer's fraction of appended slots)."""
     x = self.embed(tokens)
     run = _run_block_remat if self.cfg.remat else _run_block
-    new_layers = []
-    for i, block in enumerate(self.blocks):
-      layer_cache = None if cache is None else cache.layers[i]
-      lengths = None if cache is None else cache.lengths
-      with probes.scope(f"L{i}"):
-        x, layer_cache = run(block, x, positions, layer_cache, lengths)
-      new_layers.append(layer_cache)
+    if self.cfg.attention == "yoco":
+      x, new_layers = yoco_lib.forward(self, x, positions, cache, n_valid, run)
+    else:
+      new_layers = []
+      for i, block in enumerate(self.blocks):
+        layer_cache = None if cache is None else cache.layers[i]
+        lengths = None if cache is None else cache.lengths
+        extra = None
+        if self.cfg.dmc:  # independent decision noise per layer
+          extra = dmc_lib.DMCExtra(n_valid=n_valid,
+                                   rng=None if rng is None else jax.random.fold_in(rng, i))
+        with probes.scope(f"L{i}"):
+          x, layer_cache = run(block, x, positions, layer_cache, lengths, extra)
+        new_layers.append(layer_cache)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:
       logits = self.embed.attend(x)
