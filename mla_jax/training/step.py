@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mla_jax.core import dmc
 from mla_jax.core.model import token_losses
 
 
@@ -32,6 +33,17 @@ def _loss_sum(params, graphdef, tokens):
   return jnp.sum(losses), losses.size
 
 
+def _dmc_loss_sum(params, graphdef, tokens, step, rng):
+  """DMC retrofit (cfg.dmc): the language-model loss with relaxed decisions plus the compression
+  loss, weighted by the tokens so that dividing by them (as for _loss_sum) leaves it once.
+  -> (objective sum, (tokens, language-model loss sum, appended-slot fraction))."""
+  model = nnx.merge(graphdef, params)
+  logits, slots = model.dmc_forward(tokens[:, :-1], rng)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+  aux = dmc.compression_loss(model.cfg, slots, step) * losses.size
+  return jnp.sum(losses) + aux, (losses.size, jnp.sum(losses), slots * losses.size)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, microbatches: int = 1):
   """Returns step(state, batch [B, T + 1]) -> (state, metrics).
 
@@ -43,6 +55,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, microbatches: in
   grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
   def step(state: TrainState, batch: jax.Array):
+    if nnx.merge(graphdef, state.params).cfg.dmc:  # static: decided while tracing
+      return _dmc_step(state, batch)
     if microbatches == 1:
       (loss_sum, n), grads = grad_fn(state.params, graphdef, batch)
     else:
@@ -56,20 +70,48 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, microbatches: in
       (loss_sum, grads), ns = jax.lax.scan(accumulate, zeros, micro)
       n = ns.sum()
     loss = loss_sum / n
-    grads = jax.tree.map(lambda g: g / n, grads)
+    new_state, grad_norm = _apply(state, jax.tree.map(lambda g: g / n, grads), loss)
+    return new_state, {"loss": loss, "grad_norm": grad_norm}
+
+  def _apply(state: TrainState, grads, loss):
+    """The optimizer update, dropped (and counted) unless loss, gradients and update are finite.
+    -> (new state, gradient norm)."""
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Finite gradients can still give a non-finite update (e.g. optim.eps=0): check both.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = TrainState(
+    return TrainState(
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         skipped=state.skipped + (~ok).astype(jnp.int32),
         first_bad_step=jnp.where((state.first_bad_step < 0) & ~ok, state.step,
-                                 state.first_bad_step))
-    return new_state, {"loss": loss, "grad_norm": grad_norm}
+                                 state.first_bad_step)), grad_norm
+
+  dmc_grad_fn = jax.value_and_grad(_dmc_loss_sum, has_aux=True)
+
+  def _dmc_step(state: TrainState, batch: jax.Array):
+    """As step, for a DMC retrofit: fresh decision noise per step and microbatch; metrics add the
+    compression loss, the fraction of appended slots and the target's."""
+    rng = jax.random.fold_in(jax.random.key(0x0D3C), state.step)
+    micro = batch.reshape((microbatches, -1) + batch.shape[1:])
+
+    def accumulate(carry, xs):
+      tokens, i = xs
+      (total, aux), g = dmc_grad_fn(state.params, graphdef, tokens, state.step,
+                                    jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, ((total, *aux), g)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    zeros = ((zero, zero, zero, zero), jax.tree.map(jnp.zeros_like, state.params))
+    ((total, n, lm_sum, slots_sum), grads), _ = jax.lax.scan(
+        accumulate, zeros, (micro, jnp.arange(microbatches)))
+    new_state, grad_norm = _apply(state, jax.tree.map(lambda g: g / n, grads), total)
+    cfg = nnx.merge(graphdef, state.params).cfg
+    return new_state, {"loss": lm_sum / n, "grad_norm": grad_norm,
+                       "dmc_loss": (total - lm_sum) / n, "dmc_slots": slots_sum / n,
+                       "dmc_target": dmc.target_at(cfg, state.step)}
 
   return step
