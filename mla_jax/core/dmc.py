@@ -100,8 +100,9 @@ def relaxed_decisions(cfg: ModelConfig, logit: jax.Array, rng=None):
 
 def merged_states(k, v, alpha, omega):
   """The open slot after each token: k, v [B, T, G, K], alpha, omega [B, T, G] ->
-  (k~, v~) [B, T, G, K], k~_t = S_t / z_t, written k_t + (S_t - omega_t k_t) / z_t so that an
-  append (alpha_t = 0, S_t = omega_t k_t exactly) returns k_t bit for bit."""
+  (k~, v~) [B, T, G, K], k~_t = S_t / z_t, written (S_t - omega_t k_t) / z_t + (omega_t / z_t) k_t
+  so that an append (alpha_t = 0: S_t = omega_t k_t and z_t = omega_t exactly) returns k_t bit
+  for bit."""
   a, w = alpha[..., None].astype(k.dtype), omega[..., None].astype(k.dtype)
   bk, bv = w * k, w * v
 
@@ -111,7 +112,7 @@ def merged_states(k, v, alpha, omega):
     return ae * al, al * ke + kl, al * ve + vl, al * ze + zl
 
   _, s_k, s_v, z = jax.lax.associative_scan(combine, (a, bk, bv, w), axis=1)
-  return k + (s_k - bk) / z, v + (s_v - bv) / z
+  return (s_k - bk) / z + (w / z) * k, (s_v - bv) / z + (w / z) * v
 
 
 class DMCAttention(GQAttention):
