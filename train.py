@@ -10,8 +10,9 @@ r"""Train a language model.
 Re-running the same command on a workdir resumes from its newest readable checkpoint; on a
 finished workdir it prints the final metrics and changes nothing. SIGTERM or Ctrl-C finishes the
 current step, checkpoints and exits 0 (a second Ctrl-C stops at once).
-Multi-host (GPU clusters): add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
-on every process (TPU pods need no flags: jax.distributed finds its peers).
+Multi-host: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every process
+(or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); TPU pods and Slurm need none.
+Locally: python scripts/launch_local.py --num_processes=2 -- <these flags>. docs/multihost.md.
 """
 
 import os
@@ -29,6 +30,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metric
 flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_integer("distributed_timeout", 300,
+                     "Seconds to wait for the coordinator and every process (multi-host).")
 flags.DEFINE_string("platform", None, "Force a JAX platform (cpu, gpu, tpu).")
 
 
@@ -38,10 +41,17 @@ def main(argv):
 
   if FLAGS.platform:
     jax.config.update("jax_platforms", FLAGS.platform)
-  if FLAGS.coordinator_address or os.environ.get("TPU_WORKER_HOSTNAMES"):
-    if jax.default_backend() == "cpu" or FLAGS.platform == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from mla_jax import distributed
+
+  logging.set_verbosity(logging.WARNING)  # before jax.distributed, whose INFO lines are noise
+  try:  # before anything touches a device; a no-op for a single process
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           FLAGS.distributed_timeout)
+  except distributed.DistributedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # a half-joined distributed client would wait for its peers at exit
   from mla_jax.storage.checkpoint import quiet_orbax_logs
   from mla_jax.training import trainer
 

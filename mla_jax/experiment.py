@@ -186,12 +186,19 @@ class MeshConfig(_Group):
   tensor: int = 1
   sequence: int = 1
   rules: str = ""  # overrides of core.sharding.DEFAULT_RULES, e.g. "embed=None,batch=data+fsdp"
+  # Multi-slice (or multi-host) meshes: slices per axis over the slow network, e.g. "data=2"; each
+  # axis keeps its total size above (mla_jax.distributed.make_mesh). "": one slice (several TPU
+  # slices then go on data).
+  dcn: str = ""
 
   def __post_init__(self):
     for name in MESH_AXES:
       v = getattr(self, name)
       if not isinstance(v, int) or (v < 1 and v != -1):
         self._fail(name, f"must be a positive integer or -1 (fill), got {v!r}")
+    from mla_jax.distributed import parse_dcn
+
+    parse_dcn(self.dcn)  # syntax now; the slice count is checked against the devices at start
 
   @property
   def shape(self) -> dict[str, int]:

@@ -40,13 +40,19 @@ class WindowSource:
 
 def make_train_iterator(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
-                        worker_count: int = 0) -> grain.DatasetIterator:
+                        worker_count: int = 0, start_batch: int = 0) -> grain.DatasetIterator:
   """Endless shuffled training batches: int32 [batch_size, seq_len + 1].
 
   batch_size is per process. Each epoch is a fresh permutation of all windows
   (grain reseeds the shuffle per epoch through repeat); process p takes every
   process_count-th shuffled window from p, so processes never share a window
-  within an epoch. A remainder smaller than a batch is dropped each epoch.
+  within an epoch. Batch k of every process together hold shuffled windows
+  k*B .. k*B + B - 1 (B = batch_size * process_count), the global batch k of
+  one process, in another row order; exactly so while the window count is a
+  multiple of process_count (within the first epoch always), so the loss
+  sequence does not depend on how many processes feed the run.
+  start_batch skips that many batches (a resume onto another process count,
+  whose saved iterator states do not apply: batch k is step k's).
   The iterator's get_state()/set_state() (and grain.checkpoint.CheckpointSave
   / CheckpointRestore in an orbax Composite) resume on exactly the next batch.
   worker_count > 0 reads in spawned processes (needs absl flags parsed).
@@ -68,6 +74,8 @@ def make_train_iterator(tokens: np.ndarray, seq_len: int, batch_size: int, seed:
         [process_index::process_count]
         .repeat(None, reseed_each_epoch=True)
         .batch(batch_size, drop_remainder=True))
+  if start_batch:
+    ds = ds[start_batch:]
   # Windows are cheap slices: a few threads and a short prefetch queue are
   # enough, and keep memory small for large batches (grain's default is 16
   # threads and 500 batches).

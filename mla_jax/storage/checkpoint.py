@@ -116,15 +116,34 @@ class Checkpointer:
               f"step {good[-1]}" if good else "none")
     self.manager.reload()  # forget the half-written step; it is an orbax tmp dir on disk
 
+  def data_state_matches(self, step: int) -> bool:
+    """Whether step's data item holds this process's iterator state: False only when it was
+    saved with another process count (grain writes one process_<i>-of-<n>.json per process); a
+    missing item still counts as this run's, so its restore fails like any damaged step's."""
+    data_dir = os.path.join(self.directory, str(step), "data")
+    names = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+    counts = {n[:-5].rsplit("-of-", 1)[1] for n in names
+              if n.startswith("process_") and "-of-" in n and n.endswith(".json")}
+    return not counts or str(jax.process_count()) in counts
+
   def restore(self, step: int, params_target, opt_target=None, data_iter=None):
-    """Restores one step: (params, opt or None, meta). Targets are ShapeDtypeStruct trees."""
+    """Restores one step: (params, opt or None, meta). Targets are ShapeDtypeStruct trees, whose
+    shardings may be on another mesh or process count than the save's (orbax reshards).
+
+    data_iter is restored only from a step saved with this process count; otherwise meta
+    carries 'data_restored': False and the caller positions its iterator by the step.
+    """
     items = dict(params=ocp.args.StandardRestore(params_target), meta=ocp.args.JsonRestore())
     if opt_target is not None:
       items["opt"] = ocp.args.StandardRestore(opt_target)
-    if data_iter is not None:
+    with_data = data_iter is not None and self.data_state_matches(step)
+    if with_data:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return out["params"], out.get("opt") if opt_target is not None else None, out["meta"]
+    meta = out["meta"]
+    if data_iter is not None and not with_data:
+      meta = {**meta, "data_restored": False}
+    return out["params"], out.get("opt") if opt_target is not None else None, meta
 
   def restore_latest_good(self, params_target, opt_target=None, data_iter=None):
     """Newest step that restores cleanly -> (step, params, opt, meta), or None if there is none.

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mla_jax import distributed
 from mla_jax.core import sharding as shd
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.model import (
@@ -72,7 +73,15 @@ def parse_rules(text: str) -> dict[str, Any]:
 def check_config(exp: ExperimentConfig) -> tuple[dict[str, int], dict[str, Any]]:
   """The checks that need the devices (mesh, batch split); returns (mesh sizes, rules)."""
   t = exp.train
-  sizes = shd.resolve_mesh_shape(exp.mesh.shape, jax.device_count())
+  try:
+    sizes = shd.resolve_mesh_shape(exp.mesh.shape, jax.device_count())
+  except ValueError as e:
+    if not str(e).startswith("mesh: "):
+      raise
+    shape = " x ".join(f"{a}={n}" for a, n in exp.mesh.shape.items())
+    raise ValueError(f"mesh.data/fsdp/tensor/sequence: {shape} does not match the "
+                     f"{jax.device_count()} devices ({jax.process_count()} processes x "
+                     f"{jax.local_device_count()}); set one axis to -1 to fill") from None
   rules = parse_rules(exp.mesh.rules)
   dp = shd.data_parallel_size(sizes, rules)
   if t.global_batch % (dp * t.microbatches):
@@ -82,6 +91,21 @@ def check_config(exp: ExperimentConfig) -> tuple[dict[str, int], dict[str, Any]]
     raise ValueError(f"train.global_batch: {t.global_batch} is not divisible by the "
                      f"{jax.process_count()} processes")
   return sizes, rules
+
+
+def check_process_rows(mesh, rules, global_batch: int) -> None:
+  """Each process feeds its own rows of the batch (pipeline shards by process), so no two
+  processes may hold the same rows: the batch axes must split across processes."""
+  if jax.process_count() == 1:
+    return
+  index = shd.batch_sharding(mesh, rules).devices_indices_map((global_batch, 1))
+  owners = collections.defaultdict(set)
+  for device, (rows, _) in index.items():
+    owners[(rows.start, rows.stop)].add(device.process_index)
+  if any(len(p) > 1 for p in owners.values()):
+    raise ValueError(f"mesh: the batch axes ({rules['batch']}) must split across the "
+                     f"{jax.process_count()} processes, but processes share batch rows with mesh "
+                     f"{dict(mesh.shape)}; keep tensor and sequence axes within a process")
 
 
 def check_workdir(workdir: str, config_dict: dict, model_cfg: ModelConfig, allow_change: bool):
@@ -213,6 +237,9 @@ def train(config, workdir: str) -> dict[str, Any]:
   config_dict["model"] = model_cfg.to_dict()
   config_dict["data"]["source"] = d.resolved_source  # what was read, for eval.py and resumes
   check_workdir(workdir, config_dict, model_cfg, t.allow_config_change)
+  # Every process has read the data and the workdir before process 0 writes into it (a peer
+  # reading a half-written tokenizer or config.json would fail).
+  distributed.barrier("workdir_checked")
 
   # Validated: from here on the workdir is written (config.json only when it changes, so a
   # finished run re-run is left exactly as it was).
@@ -223,7 +250,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     if not Workdir.exists(workdir) or Workdir.open(workdir).config != config_dict:
       Workdir.write_config(workdir, config_dict)
 
-  mesh = shd.make_mesh(sizes)
+  mesh = distributed.make_mesh(sizes, exp.mesh.dcn)
+  check_process_rows(mesh, rules, t.global_batch)
   tx, schedule = make_optimizer(
       lr=o.lr, steps=t.steps, warmup_steps=warmup, schedule=o.schedule,
       min_lr_ratio=o.min_lr_ratio, decay_fraction=o.decay_fraction, weight_decay=o.weight_decay,
@@ -245,6 +273,12 @@ def train(config, workdir: str) -> dict[str, Any]:
   ckpt = Checkpointer(workdir, keep=t.keep_ckpts)
   abstract_state = abstract_with_shardings(init_shapes, state_sh)
   restored = ckpt.restore_latest_good(abstract_state.params, _opt_item(abstract_state), it)
+  if restored is not None and restored[3].get("data_restored") is False:
+    # Saved by another process count: its iterator states do not apply. Step k's global batch
+    # is the k-th whatever the process count (pipeline.make_train_iterator), so skip to it.
+    it = pipeline.make_train_iterator(corpus.train, d.seq_len, local_batch, t.seed,
+                                      jax.process_index(), jax.process_count(), d.worker_count,
+                                      start_batch=restored[0])
   if restored is None:
     state = jax.jit(init, out_shardings=state_sh)()
     if init_wd is not None:  # fine-tuning: its parameters, restored straight into their shardings
