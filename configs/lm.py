@@ -46,7 +46,7 @@ SIZES = {
     "350m": Size(d_model=1024, n_layers=24, n_heads=16, seq_len=1024, global_batch=256,
                  steps=40000, lr=3e-4, accelerator=True),
 }
-ATTENTION = ("mha", "gqa", "mqa", "mla")
+ATTENTION = ("mha", "gqa", "mqa", "mla", "yoco")  # yoco: core/yoco.py, docs/trained_in.md
 
 
 def parse_arg(arg: str) -> dict[str, str]:

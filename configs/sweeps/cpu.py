@@ -1,5 +1,6 @@
-r"""The CPU comparison under the fair protocol: MHA, GQA-2, MQA and MLA at three cache sizes, each
-at its own tuned learning rate, three seeds, parameters and tokens matched.
+r"""The CPU comparison under the fair protocol: MHA, GQA-2, MQA, MLA at three cache sizes and YOCO
+(key/value and latent global cache), each at its own tuned learning rate, three seeds, parameters
+and tokens matched.
 
   python3 scripts/compare.py --sweep=cpu --out=docs/results/cpu --runs_dir=runs/sweep_cpu
   python3 scripts/compare.py --sweep=cpu --params        # parameter counts and matching d_ff
@@ -10,7 +11,9 @@ every 20th file, scored whole). Parameters (~0.47M) are matched to MHA's within 
 
 KV cache per token per layer (elements): MHA 2HK = 192; GQA-2 2*2*K = 96 (50%); MQA 2K = 48
 (25%); MLA C + R with one shared rope key of R = 8: C=88 -> 96 (= GQA-2), C=40 -> 48 (= MQA),
-C=16 -> 24 (12.5% of MHA, below MQA). MLA compresses queries to Q = 48 (D/2).
+C=16 -> 24 (12.5% of MHA, below MQA). MLA compresses queries to Q = 48 (D/2). YOCO caches ONE
+global entry per token for all 4 layers: 2HK = 192 elements (yoco, 6.25% per layer-token) or
+C + R = 48 (yoco_latent), plus 2 x 64-slot window rings (constant; docs/trained_in.md).
 
 Protocol:
   1. learning rate: every variant at lr 1e-3, 2e-3, 4e-3, 8e-3 (8x span) for 144 steps (0.59M
@@ -21,7 +24,8 @@ Protocol:
 
 Budget (estimated, not yet run end to end): a 60-step probe of the D=96 models ran ~14k tokens/s
 on the project's idle 2-core CPU, so 18 final runs x ~170 s + 24 tuning runs x ~45 s + ~25 s
-evaluation per final run + ~10 s start-up per run ~ 80 min.
+evaluation per final run + ~10 s start-up per run ~ 80 min; the two YOCO variants add 6 final
+and 8 tuning runs, ~27 min (their speed not yet measured).
 """
 
 from ml_collections import ConfigDict
@@ -29,6 +33,7 @@ from ml_collections import ConfigDict
 D, L, H = 96, 4, 4
 R = 8  # rope dims of every MLA variant
 Q = D // 2  # query latent rank
+YOCO_D_FF = {False: 272, True: 264}  # d_ff matching MHA's parameters: yoco, yoco_latent
 
 
 def get_config() -> ConfigDict:
@@ -46,6 +51,9 @@ def get_config() -> ConfigDict:
       train=dict(global_batch=16, log_every=16, eval_tokens=32768, keep_ckpts=1),
   ))
   mla = lambda rank, d_ff: {"model.kv_lora_rank": rank, "model.q_lora_rank": Q, "model.d_ff": d_ff}
+  yoco = lambda latent=False: ({"model.yoco_window": 64, "model.d_ff": YOCO_D_FF[latent]}
+                               | ({"model.yoco_latent": True, "model.kv_lora_rank": 40,
+                                   "model.q_lora_rank": Q} if latent else {}))
   # (name, configs/lm.py argument, overrides). d_ff matches MHA's total parameters (within 3%).
   c.runs = [
       ("mha", "attn=mha,size=small", {"model.d_ff": 256}),
@@ -54,6 +62,13 @@ def get_config() -> ConfigDict:
       ("mla_c88", "attn=mla,size=small", mla(88, 224)),
       ("mla_c40", "attn=mla,size=small", mla(40, 272)),
       ("mla_c16", "attn=mla,size=small", mla(16, 296)),
+      # YOCO (docs/trained_in.md): 2 sliding-window layers (W = 64, MHA heads), then 2 layers
+      # cross-attending to ONE global cache: 4 kv heads (2HK = 192 elements per token for all
+      # layers, 25% of MHA) or an MLA latent C=40 + R=8 (48, 6.25%); plus the constant window
+      # rings, 2 * 64 * 192 elements per sequence. The cross layers have no K/V projections,
+      # so d_ff grows to match.
+      ("yoco", "attn=yoco,size=small", yoco()),
+      ("yoco_latent", "attn=yoco,size=small", yoco(latent=True)),
   ]
   c.reference = "mha"  # parameter matching and "cache as % of" are relative to this run
   c.param_tolerance = 0.03
