@@ -12,8 +12,9 @@ every 20th file, scored whole). Parameters (~0.47M) are matched to MHA's within 
 KV cache per token per layer (elements): MHA 2HK = 192; GQA-2 2*2*K = 96 (50%); MQA 2K = 48
 (25%); MLA C + R with one shared rope key of R = 8: C=88 -> 96 (= GQA-2), C=40 -> 48 (= MQA),
 C=16 -> 24 (12.5% of MHA, below MQA). MLA compresses queries to Q = 48 (D/2). YOCO caches ONE
-global entry per token for all 4 layers: 2HK = 192 elements (yoco, 6.25% per layer-token) or
-C + R = 48 (yoco_latent), plus 2 x 64-slot window rings (constant; docs/trained_in.md).
+global entry per token for all 4 layers together: 2HK = 192 elements (yoco: 25% of MHA's 4 x 192)
+or C + R = 48 (yoco_latent: 6.25%), plus two 64-slot window rings per sequence (constant, 37.5% /
+18.8% of MHA's bytes at context 256 with them; docs/trained_in.md).
 
 Protocol:
   1. learning rate: every variant at lr 1e-3, 2e-3, 4e-3, 8e-3 (8x span) for 144 steps (0.59M
