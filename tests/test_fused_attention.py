@@ -21,7 +21,6 @@ CASES = {
     "gqa2": dict(attention="gqa", n_kv_heads=2),
     "mla_naive": dict(attention="mla", mla_prefill_impl="naive"),  # N + R = 16, E = 8
     "mla_absorbed": dict(attention="mla", mla_prefill_impl="absorbed"),  # one kv head, C + R = 24
-    "mla_rope_groups": dict(attention="mla", mla_rope_kv_heads=2),  # one rope key per 2 heads
 }
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax.core import cache as cache_lib
-from mla_jax.core import probes
+from mla_jax.core import decode_sharded, probes
 from mla_jax.core.cache import schedule_after
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.layers import RMSNorm, apply_rope, dense, param, rope_angles
@@ -146,6 +146,10 @@ class GQAttention(nnx.Module):
                            lambda end, probs: attend(v[:, :end], probs))
       return out_proj(o), None
     k, v = cache_lib.as_stored(k, cache.k), cache_lib.as_stored(v, cache.v)
+    plan = decode_sharded.current()
+    if plan is not None and plan.shards_sequence:  # cache length split over the mesh
+      o, new_cache = decode_sharded.gqa_attend(plan, q, k, v, cache, lengths, kd ** -0.5, dt)
+      return out_proj(o), new_cache
     # With G > 1 the dots first relayout the cache to [B, G, S, K] (a full copy): tie each copy to
     # what it waits for, keys to k and values to the probs (see cache.schedule_after).
     tie = schedule_after if g > 1 else lambda x, dep: x
@@ -408,6 +412,13 @@ class MLAttention(nnx.Module):
       return dense(o, wo, n_in=2), None
     latent = cache_lib.as_stored(latent, cache.c)
     k_rope = cache_lib.as_stored(k_rope, cache.k_rope)
+    plan = decode_sharded.current()
+    if plan is not None and plan.shards_sequence:  # cache length split: absorbed, per shard
+      n = cfg.nope_dim
+      q_c = jnp.einsum("BTHN,CHN->BTHC", q_nope, wkv_b[..., :n])
+      o, new_cache = decode_sharded.mla_attend(plan, q_c, q_rope, latent, k_rope, cache, lengths,
+                                               (n + cfg.qk_rope_head_dim) ** -0.5, dt)
+      return dense(jnp.einsum("BTHC,CHE->BTHE", o, wkv_b[..., n:]), wo, n_in=2), new_cache
     past = (cache.c, cache.k_rope)  # the kernel casts tiles as it reads them: no converted copy
     if attention is not mla_pallas:
       past = (cache.c.astype(dt), cache.k_rope.astype(dt))
