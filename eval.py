@@ -4,6 +4,7 @@ r"""Evaluate a trained workdir: quality, size, KV cache and decode speed, from t
   python eval.py --workdir=runs/default --data=text:path/to/other.txt
   python eval.py --workdir=runs/default --max_tokens=65536 --decode_lengths=256,1024
   python eval.py --workdir=runs/default --cache_policy=h2o --cache_budget=0.25 --cache_quant=int8
+  python eval.py --workdir=runs/default --mesh.sequence=4   # params and decode cache on a mesh
 
 What it reports is documented in mla_jax/evaluation/workdir_eval.py; progress goes to stderr, the
 table to stdout.
@@ -35,6 +36,15 @@ def define_flags():
   flags.DEFINE_integer("decode_steps", 32, "Timed decode steps per context length.")
   flags.DEFINE_integer("buckets", 8, "Position buckets for the loss-by-position summary.")
   flags.DEFINE_string("platform", None, "Force a JAX platform (cpu, gpu, tpu).")
+  # A device mesh, as train.py's --config.mesh.*: none given = one device (docs/sharding.md).
+  for axis, what in (("data", "batch split (-1 fills; the default when another axis is given)"),
+                     ("fsdp", "batch split, parameters sharded along 'embed'"),
+                     ("tensor", "heads, kv heads, MLP and vocab split"),
+                     ("sequence", "decode cache length split (flash-decoding merge)")):
+    flags.DEFINE_integer(f"mesh.{axis}", None, f"Mesh axis size: {what}.")
+  flags.DEFINE_enum("sharded_impl", "shard_map", ["shard_map", "gspmd"], "Attention over a "
+                    "sequence-split cache: per-shard partials merged by log-sum-exp, or the plain "
+                    "einsums partitioned by XLA.")
   # Inference-time cache compression (mla_jax/kvcompress, docs/kvcompress.md).
   flags.DEFINE_string("cache_policy", "none", "Eviction policy: none, streaming, h2o, tova, "
                       "snapkv, l2norm, vatp, fastgen.")
@@ -87,11 +97,15 @@ def main(argv):
     print(f"[eval {time.perf_counter() - started:5.1f}s] {text}", file=sys.stderr, flush=True)
 
   try:
+    from mla_jax.evaluation.workdir_eval import eval_mesh
+
+    plan = eval_mesh({a: FLAGS[f"mesh.{a}"].value for a in ("data", "fsdp", "tensor", "sequence")},
+                     FLAGS.sharded_impl)  # a bad mesh: one line before anything loads
     result = {}
     if not (compress and FLAGS.cache_only):
       result = evaluate_workdir(FLAGS.workdir, FLAGS.data, FLAGS.max_tokens, FLAGS.which,
                                 FLAGS.decode_lengths, FLAGS.decode_steps, FLAGS.buckets,
-                                progress=progress)
+                                progress=progress, plan=plan)
     if compress:
       from mla_jax.kvcompress.evaluate import evaluate_workdir_policy, format_rows
       result["kv_compression"] = evaluate_workdir_policy(

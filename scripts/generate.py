@@ -2,6 +2,7 @@ r"""Sample text from a trained workdir.
 
   python3 scripts/generate.py --workdir=runs/default --prompt='def main(' [--max_new_tokens=200]
       [--temperature=0.8] [--top_k=40] [--top_p=1.0] [--seed=0] [--which=latest|best|STEP]
+      [--mesh.data=N --mesh.fsdp=N --mesh.tensor=N --mesh.sequence=N]   # on a device mesh
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("which", "latest", "Checkpoint: latest, best or a step number.")
+for _axis in ("data", "fsdp", "tensor", "sequence"):
+  flags.DEFINE_integer(f"mesh.{_axis}", None, f"Mesh axis size ({_axis}); none given: one device.")
+flags.DEFINE_enum("sharded_impl", "shard_map", ["shard_map", "gspmd"],
+                  "Attention over a sequence-split cache (docs/sharding.md).")
 FLAGS = flags.FLAGS
 
 
@@ -31,18 +36,27 @@ def main(argv):
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   quiet_orbax_logs()
+  from mla_jax.evaluation.workdir_eval import EvalError, eval_mesh
+
   try:
+    plan = eval_mesh({a: FLAGS[f"mesh.{a}"].value for a in ("data", "fsdp", "tensor", "sequence")},
+                     FLAGS.sharded_impl)
     wd = Workdir.open(FLAGS.workdir)
     tok = wd.tokenizer()
     if tok is None:
       raise WorkdirError(f"{wd.path}: no tokenizer/ to encode a text prompt (trained on ids)")
-    model = wd.load_model(FLAGS.which)
+    mesh = None if plan is None else plan.mesh
+    model = wd.load_model(FLAGS.which, mesh=mesh)
     prompt = tok.encode(FLAGS.prompt).tolist()
     new = min(FLAGS.max_new_tokens, model.cfg.max_seq_len - len(prompt))
     out = generate(model, [prompt], new, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                   top_p=FLAGS.top_p, seed=FLAGS.seed)[0]
-  except (WorkdirError, ValueError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+                   top_p=FLAGS.top_p, seed=FLAGS.seed, mesh=mesh,
+                   sharded_impl=FLAGS.sharded_impl)[0]
+  except (WorkdirError, EvalError, ValueError) as e:
+    msg = str(e).splitlines()[0]
+    if msg.startswith("mesh."):  # generate's check names the flag
+      msg = "--" + msg
+    print(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
   print(FLAGS.prompt + tok.decode(out))
 

@@ -83,3 +83,39 @@ def test_more_sequence_shards_than_slots_is_one_line():
   model, _ = model_and_reference("mla")
   with pytest.raises(ValueError, match=r"^mesh\.sequence: 8 sequence shards exceed the cache of 3"):
     generate(model, [[1]], 2, mesh=sharding.make_mesh({"sequence": 8}))
+
+
+def test_load_model_restores_into_the_mesh_shardings(tmp_path):
+  """A checkpoint restored with mesh= lands in the table's shardings (each device reading only
+  its shard) with the saved values; the loaded model then generates on that mesh."""
+  from mla_jax.storage.checkpoint import Checkpointer
+  from mla_jax.storage.workdir import Workdir, load_model
+
+  model, (tokens, _) = model_and_reference("gqa2")
+  state = nnx.state(model)
+  Workdir.write_config(str(tmp_path), {"model": model.cfg.to_dict(), "data": {},
+                                       "train": {"steps": 1}})
+  with Checkpointer(str(tmp_path), async_save=False) as ckpt:
+    ckpt.save(1, state, {"count": jnp.zeros((), jnp.int32)}, None, {"step": 1})
+    ckpt.wait()
+  mesh = sharding.make_mesh({"data": 2, "tensor": 2, "sequence": 2})
+  loaded = load_model(str(tmp_path), mesh=mesh)
+  want = sharding.param_shardings(state, mesh)
+  for (_, a), (_, b), (_, sh) in zip(*(nnx.to_flat_state(t) for t in (nnx.state(loaded), state,
+                                                                       want))):
+    assert a.get_value().sharding.is_equivalent_to(sh.get_value(), a.get_value().ndim)
+    np.testing.assert_array_equal(a.get_value(), b.get_value())
+  assert nnx.state(loaded)["blocks"][0]["attn"]["wq"].get_value().sharding.spec[1] == "tensor"
+  assert generate(loaded, PROMPTS, NEW, mesh=mesh) == tokens
+
+
+def test_eval_mesh_flags_errors_are_one_line():
+  from mla_jax.evaluation.workdir_eval import EvalError, eval_mesh
+
+  assert eval_mesh({"data": None, "sequence": None}) is None
+  plan = eval_mesh({"sequence": 4})
+  assert dict(plan.mesh.shape) == dict(data=2, fsdp=1, tensor=1, sequence=4)
+  with pytest.raises(EvalError, match=r"^--mesh\.tensor=3: mesh\.data: .*do not divide the 8"):
+    eval_mesh({"tensor": 3})
+  with pytest.raises(ValueError, match=r"^--mesh\.sequence: 8 sequence shards do not divide"):
+    eval_mesh({"sequence": 8}).check_cache_length(12, flag="--mesh.sequence")

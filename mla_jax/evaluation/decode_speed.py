@@ -8,7 +8,9 @@ a cache buffer of exactly `context` slots, the first `context - warmup - steps` 
 Attention runs over every slot of the buffer (the causal mask hides the unfilled ones), so the cost
 per step is the cost of decoding at that context. The cache contents stay zero: timing does not
 depend on the values. Each step is blocked on and the median over steps is reported, which is
-robust to a busy machine (the mean is reported too).
+robust to a busy machine (the mean is reported too). With a plan (core.decode_sharded.DecodePlan)
+the parameters and the cache live on its mesh and `cache_bytes_per_device` is the largest amount
+of cache one device holds (from the arrays' addressable shards).
 """
 
 from __future__ import annotations
@@ -22,26 +24,34 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax.core import cache as cache_lib
+from mla_jax.core import decode_sharded
+from mla_jax.core import sharding as shd
 from mla_jax.core.generate import decode_step_jit
 from mla_jax.core.model import abstract_model
 
 
 def time_decode(model: nnx.Module, context: int, batch: int = 1, steps: int = 32,
-                warmup: int = 3) -> dict:
-  """Median wall time of one decode step with `context` cache slots, batch `batch`."""
+                warmup: int = 3, plan: decode_sharded.DecodePlan | None = None) -> dict:
+  """Median wall time of one decode step with `context` cache slots, batch `batch` (on the plan's
+  mesh when given)."""
   cfg = model.cfg
   if context > cfg.max_seq_len:
     raise ValueError(f"context: {context} is above model.max_seq_len={cfg.max_seq_len}")
   if context <= warmup + steps:
     raise ValueError(f"context: {context} must exceed warmup + steps = {warmup + steps}")
   graphdef, state = nnx.split(model)
-  cache = cache_lib.init_cache(cfg, batch, context)
+  if plan is None:
+    cache = cache_lib.init_cache(cfg, batch, context)
+  else:
+    plan.check_cache_length(context)
+    state = jax.device_put(state, shd.param_shardings(state, plan.mesh, plan.rules_dict))
+    cache = decode_sharded.init_cache(cfg, batch, context, plan)
   cache = cache.replace(lengths=jnp.full((batch,), context - warmup - steps, jnp.int32))
   tokens = jnp.zeros((batch, 1), jnp.int32)
   times = []
   for i in range(warmup + steps):
     start = time.perf_counter()
-    logits, cache = decode_step_jit(graphdef, state, cache, tokens)
+    logits, cache = decode_step_jit(graphdef, state, cache, tokens, plan)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]  # a real data dependency
     tokens.block_until_ready()
     if i >= warmup:
@@ -49,7 +59,8 @@ def time_decode(model: nnx.Module, context: int, batch: int = 1, steps: int = 32
   ms = 1000 * statistics.median(times)
   return {"context": context, "batch": batch, "ms_per_token": ms,
           "mean_ms_per_token": 1000 * statistics.fmean(times), "tokens_per_s": batch * 1000 / ms,
-          "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers))}
+          "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers)),
+          "cache_bytes_per_device": max(decode_sharded.per_device_bytes(cache.layers).values())}
 
 
 def with_decode_impl(model: nnx.Module, impl: str) -> nnx.Module:
@@ -60,14 +71,16 @@ def with_decode_impl(model: nnx.Module, impl: str) -> nnx.Module:
 
 
 def time_decode_impls(model: nnx.Module, contexts=(256, 1024), batch: int = 1,
-                      steps: int = 32) -> dict[str, list[dict]]:
+                      steps: int = 32, plan: decode_sharded.DecodePlan | None = None
+                      ) -> dict[str, list[dict]]:
   """{impl name: [time_decode(...) per context]}. The GQA family has one path ('standard');
-  MLA is timed with both the absorbed and the naive decode path on the same parameters."""
+  MLA is timed with both the absorbed and the naive decode path on the same parameters (over a
+  sequence-split cache both run the absorbed per-shard attention: core.decode_sharded)."""
   impls = ("absorbed", "naive") if model.cfg.attention == "mla" else ("standard",)
   out = {}
   for impl in impls:
     m = model if impl == "standard" else with_decode_impl(model, impl)
-    out[impl] = [time_decode(m, c, batch, steps) for c in contexts]
+    out[impl] = [time_decode(m, c, batch, steps, plan=plan) for c in contexts]
   return out
 
 

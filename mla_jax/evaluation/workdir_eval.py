@@ -12,7 +12,8 @@ Reports:
   kv_bytes_per_token             analytic (config) and measured (a cache filled by model.extend)
   kv_cache_bytes_at_max          cache bytes at model.max_seq_len x train.global_batch
   decode                         ms per token and tokens/s at batch 1 for each context length
-                                 (MLA: absorbed and naive decode paths, same parameters)
+                                 (MLA: absorbed and naive decode paths, same parameters); with a
+                                 mesh, on it, with the cache bytes each device holds
   loss_by_position               per window position, and averaged in `buckets` buckets
 """
 
@@ -28,6 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax.core import cache as cache_lib
+from mla_jax.core import decode_sharded
+from mla_jax.core import sharding as shd
 from mla_jax.core.config import kv_cache_bytes_per_token
 from mla_jax.core.model import count_params
 from mla_jax.data import corpus as data_lib
@@ -108,6 +111,21 @@ def decode_contexts(text: str, max_seq_len: int) -> list[int]:
   return sorted(out)
 
 
+def eval_mesh(sizes: dict, impl: str = "shard_map"):
+  """--mesh.data/fsdp/tensor/sequence (None: not given) -> a DecodePlan over all devices, or None
+  when no size is given. As in train.py, data fills (-1) unless set and the others default to 1.
+  A shape the devices cannot take is one line naming the flags given."""
+  given = {k: v for k, v in sizes.items() if v is not None}
+  if not given:
+    return None
+  try:
+    mesh = shd.make_mesh({"data": -1, **given})
+    return decode_sharded.DecodePlan.make(mesh, impl=impl)
+  except ValueError as e:
+    named = " ".join(f"--mesh.{k}={v}" for k, v in given.items())
+    raise EvalError(f"{named}: {str(e).splitlines()[0]}") from None
+
+
 def measured_cache_bytes(model, tokens) -> float:
   """Bytes per token of a cache exactly as long as the tokens model.extend wrote into it."""
   n = tokens.shape[-1]
@@ -122,21 +140,30 @@ def measured_cache_bytes(model, tokens) -> float:
 def evaluate_workdir(workdir: str, data: str | None = None, max_tokens: int = 0,
                      which: str = "latest", decode_lengths: str = "256,max",
                      decode_steps: int = 32, buckets: int = 8,
-                     progress: Callable[[str], None] | None = None) -> dict:
+                     progress: Callable[[str], None] | None = None,
+                     plan: decode_sharded.DecodePlan | None = None) -> dict:
   """Everything eval.py reports, as a JSON-able dict. Raises EvalError for user errors.
-  progress(text), when given, hears each phase as it starts and the scoring as it goes."""
+  progress(text), when given, hears each phase as it starts and the scoring as it goes.
+  plan (eval_mesh): parameters restored straight into their shardings on its mesh and decode
+  timed with the cache sharded there."""
   say = progress or (lambda text: None)
   try:
     wd = Workdir.open(workdir)
     spec = parse_data(data, wd.config)
     step = wd.resolve_step(which)
-    decode_contexts(decode_lengths, wd.model_config.max_seq_len)  # bad flags before the work
+    contexts = decode_contexts(decode_lengths, wd.model_config.max_seq_len)  # flags first
+    for context in contexts if plan is not None else ():
+      try:
+        plan.check_cache_length(context, flag="--mesh.sequence")
+      except ValueError as e:
+        raise EvalError(f"{e} (decode context {context}, --decode_lengths)") from None
     seq_len, batch = wd.config["data"]["seq_len"], wd.config["train"]["global_batch"]
     if max_tokens and max_tokens < seq_len:
       raise EvalError(f"--max_tokens: {max_tokens} is below one window (seq_len={seq_len})")
     start = time.perf_counter()
-    say(f"loading checkpoint step {step} of {workdir}")
-    model = wd.load_model(step)
+    where = "" if plan is None else f" onto mesh {dict(plan.mesh.shape)}"
+    say(f"loading checkpoint step {step} of {workdir}{where}")
+    model = wd.load_model(step, mesh=None if plan is None else plan.mesh)
   except WorkdirError as e:  # 'which: ...' is the --which flag here
     raise EvalError(f"--{e}" if str(e).startswith("which") else str(e)) from None
   cfg = model.cfg
@@ -161,7 +188,7 @@ def evaluate_workdir(workdir: str, data: str | None = None, max_tokens: int = 0,
   if contexts:
     say(f"timing decode at contexts {', '.join(map(str, contexts))}")
     steps = max(1, min(decode_steps, min(contexts) - 4))
-    decode = decode_speed.time_decode_impls(model, contexts, 1, steps)
+    decode = decode_speed.time_decode_impls(model, contexts, 1, steps, plan=plan)
   say(f"done in {time.perf_counter() - start:.0f} s")
 
   by_pos = quality.pop("loss_by_position")
@@ -183,6 +210,7 @@ def evaluate_workdir(workdir: str, data: str | None = None, max_tokens: int = 0,
                                 "batch": batch},
       "decode": decode,
       "device": str(jax.devices()[0].device_kind),
+      "mesh": None if plan is None else {**dict(plan.mesh.shape), "sharded_impl": plan.impl},
       "loss_by_position": by_pos,
       "loss_by_position_buckets": metrics.position_buckets(by_pos, buckets),
   }
@@ -213,8 +241,9 @@ def format_table(r: dict) -> str:
   ]
   for impl, points in r["decode"].items():
     rows.append((f"decode {impl}", ", ".join(
-        f"ctx {p['context']}: {p['ms_per_token']:.2f} ms/token ({p['tokens_per_s']:.0f} tok/s)"
-        for p in points)))
+        f"ctx {p['context']}: {p['ms_per_token']:.2f} ms/token ({p['tokens_per_s']:.0f} tok/s"
+        + (f", {p['cache_bytes_per_device'] / 2**10:.0f} KiB cache per device)"
+           if r.get("mesh") else ")") for p in points)))
   rows.append(("loss_by_position", " ".join(
       f"[{b['start']},{b['end']}):{b['loss']:.3f}" for b in r["loss_by_position_buckets"])))
   width = max(len(k) for k, _ in rows)

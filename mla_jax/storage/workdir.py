@@ -241,6 +241,9 @@ def read_metrics(workdir: str) -> list[dict]:
   return records
 
 
-def load_model(workdir: str, which: str | int = "latest", mesh=None) -> nnx.Module:
-  """Rebuilds a trained Transformer from its workdir alone: 'latest', 'best' or a step number."""
-  return Workdir.open(workdir).load_model(which, mesh)
+def load_model(workdir: str, which: str | int = "latest", mesh=None, rules=None) -> nnx.Module:
+  """Rebuilds a trained Transformer from its workdir alone: 'latest', 'best' or a step number.
+  With a mesh (core.sharding.make_mesh) each parameter is restored straight into its sharding
+  (core.sharding's table, or `rules`): no device ever holds the whole model unless the table
+  replicates it."""
+  return Workdir.open(workdir).load_model(which, mesh, rules)
