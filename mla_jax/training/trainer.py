@@ -205,6 +205,39 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
+class _AgreedStop:
+  """Several processes must stop after the same step (the checkpoint is a collective), but a
+  SIGTERM reaches each at its own moment. Each step every process contributes its flag to a
+  tiny max-reduction, dispatched asynchronously like the step; the result of step s is read at
+  step s + lag, when it is done, so all processes see the same value at the same step and the
+  host never waits for it. One process: the local flag, at once (no collective)."""
+
+  def __init__(self, flag: _StopFlag, lag: int):
+    self.flag, self.lag, self.votes, self.agreed = flag, lag, collections.deque(), False
+    if jax.process_count() == 1:
+      return
+    from jax.sharding import Mesh
+
+    rows = [[d for d in jax.devices() if d.process_index == p] for p in range(jax.process_count())]
+    mesh = Mesh(np.array(rows), ("process", "local"))
+    self.sharding = NamedSharding(mesh, PartitionSpec("process"))
+    self.vote = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  @property
+  def requested(self) -> str | None:
+    if jax.process_count() == 1:
+      return self.flag.requested
+    return (self.flag.requested or "SIGTERM (another process)") if self.agreed else None
+
+  def step_done(self) -> None:
+    if jax.process_count() == 1:
+      return
+    local = np.array([self.flag.requested is not None], np.int32)
+    self.votes.append(self.vote(jax.make_array_from_process_local_data(self.sharding, local)))
+    if len(self.votes) > self.lag:
+      self.agreed = self.agreed or bool(self.votes.popleft())
+
+
 # The loop ---------------------------------------------------------------------------------------
 
 
@@ -336,7 +369,8 @@ def train(config, workdir: str) -> dict[str, Any]:
         f"tokens for {t.steps * tokens_per_step:,}); expect overfitting: use more data "
         "(data.path) or fewer train.steps")
 
-  stop = _StopFlag()
+  signals = _StopFlag()
+  stop = _AgreedStop(signals, MAX_IN_FLIGHT)
   in_flight = collections.deque()
   last_log_time, last_log_step, eval_time = time.perf_counter(), start, 0.0
   last_saved, val = start if restored else -1, None
@@ -353,6 +387,7 @@ def train(config, workdir: str) -> dict[str, Any]:
       in_flight.append(metrics["loss"])
       if len(in_flight) > MAX_IN_FLIGHT:
         in_flight.popleft().block_until_ready()
+      stop.step_done()
       record = {}
       if step % t.log_every == 0 or step == t.steps:
         metrics = jax.device_get(metrics)
@@ -392,7 +427,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     ckpt.wait()
     ckpt.close()
     logger.close()
-    stop.restore()
+    signals.restore()
   if ckpt.last_save_failed(step):  # earlier failed saves were retried; the last one must hold
     good = [s for s in ckpt.steps() if s not in ckpt.failed_saves]
     raise CheckpointError(
