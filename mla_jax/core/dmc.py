@@ -159,7 +159,8 @@ class DMCAttention(GQAttention):
       return out_proj(o), 1.0 - jnp.mean(alpha)
     merge = logit > 0 if cfg.dmc_decisions == "learned" else jnp.full(
         logit.shape, cfg.dmc_decisions == "merge")
-    valid = jnp.arange(t)[None] < (t if extra.n_valid is None else extra.n_valid[:, None])
+    n_valid = jnp.full((b,), t) if extra.n_valid is None else extra.n_valid
+    valid = jnp.arange(t) < n_valid[:, None]  # [B, T]: padding is neither merged nor appended
     o, new_cache = decode_tokens(cache, q, cache_lib.as_stored(k, cache.k),
                                  cache_lib.as_stored(v, cache.v), merge, omega, valid, dt)
     return out_proj(o), new_cache

@@ -98,6 +98,8 @@ class Transformer(nnx.Module):
     """DMC's training pass: tokens [B, T] -> (logits [B, T, V] float32, slots [] float32, the
     fraction of (token, layer, kv head) decisions that open a new slot: 1 / compression).
     With rng, decisions are Gumbel-sigmoid relaxed (core/dmc.py); without, hard as in decode."""
+    if not self.cfg.dmc:
+      raise ValueError("model.dmc: dmc_forward needs a DMC model (model.dmc=True)")
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     logits, per_layer = self._forward(tokens, positions, None, rng=rng)
     return logits, jnp.mean(jnp.stack(per_layer))
