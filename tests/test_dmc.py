@@ -91,9 +91,9 @@ def test_mixed_decisions_and_the_training_states_agree_by_hand():
 
 
 def test_forced_append_equals_the_source_model():
-  source_cfg = tiny(attention="mha", n_layers=2)
+  source_cfg = tiny(attention="mha", n_layers=1)
   source = random_module(Transformer, source_cfg, seed=1)
-  model = random_module(Transformer, tiny(attention="mha", n_layers=2, dmc=True,
+  model = random_module(Transformer, tiny(attention="mha", n_layers=1, dmc=True,
                                           dmc_decisions="append"), seed=1)
   tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, 64)
   full_src, inc_src, _ = full_and_incremental(source, tokens, 4)
@@ -150,10 +150,6 @@ def test_learned_decisions_cached_decode_matches_full_forward():
   assert 1.2 < stats["compression"] < 6, stats  # both decisions occur
   assert stats["bytes_allocated"] == kv_cache_bytes(model.cfg, 16, batch=2)
   assert stats["bytes_used"] == stats["slots_used"] * 2 * 8 * 4 < stats["bytes_uncompressed"]
-  # dmc_forward without an rng decides hard too: its slot fraction is the cache's.
-  _, slots = jax.jit(lambda s, t: nnx.merge(nnx.graphdef(model), s).dmc_forward(t),
-                     compiler_options=FAST_COMPILE)(nnx.state(model), tokens)
-  np.testing.assert_allclose(float(slots), 1 / stats["compression"], rtol=1e-6)
 
 
 def test_train_step_pulls_towards_the_ramped_target():
@@ -179,28 +175,19 @@ def test_train_step_pulls_towards_the_ramped_target():
 
 def test_compression_loss_trains_only_the_decision_neuron_of_the_keys():
   """Through the relaxed decisions the loss reaches wk[:, :, 0] (and what feeds it), not the
-  other key dims nor the queries (omega only weighs merges), and a step down its gradient moves
-  the slot fraction towards 1 / target."""
+  other key dims nor the queries and values (omega only weighs merges)."""
   model = learned_model()
-  cfg = model.cfg  # dmc_target 2: pull the slot fraction towards 0.5
   graphdef, params = nnx.split(model)
   tokens = jax.random.randint(jax.random.key(9), (2, 12), 0, 64)
-  rng = jax.random.key(10)
 
-  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-  def loss_and_grad(params):
-    slots = lambda p: nnx.merge(graphdef, p).dmc_forward(tokens, rng)[1]
-    loss = lambda p: dmc.compression_loss(cfg, slots(p), 0)
-    value, grads = jax.value_and_grad(loss)(params)
-    after = slots(jax.tree.map(lambda p, g: p - 0.05 * g, params, grads))
-    return slots(params), after, grads
+  def loss(params):
+    slots = nnx.merge(graphdef, params).dmc_forward(tokens, jax.random.key(10))[1]
+    return dmc.compression_loss(model.cfg, slots, 0)
 
-  before, after, grads = loss_and_grad(params)
-  g = grads["blocks"][1]["attn"]
-  assert float(jnp.abs(g["wk"][...][:, :, 0]).max()) > 0
+  g = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(params)["blocks"][1]["attn"]
+  assert float(jnp.abs(g["wk"][...][:, :, 0]).max()) > 1e-6
   assert float(jnp.abs(g["wk"][...][:, :, 1:]).max()) == 0
   assert float(jnp.abs(g["wq"][...]).max()) == 0 and float(jnp.abs(g["wv"][...]).max()) == 0
-  assert abs(float(after) - 0.5) < abs(float(before) - 0.5)
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -111,7 +111,7 @@ def test_padded_prefill_with_n_valid_matches_separate_rows():
 
 
 def test_generate_greedy_equals_argmax_of_full_forward():
-  cfg = yoco_tiny(**GLOBAL["latent"])
+  cfg = yoco_tiny(**GLOBAL["kv"])
   model = random_module(Transformer, cfg, seed=6)
   prompts = [[5, 9, 2, 33, 7], [12, 40, 3, 1, 8]]  # equal lengths: nothing to rewind
   out = generate(model, prompts, 5)
