@@ -61,16 +61,18 @@ def test_each_device_holds_its_share_of_the_cache(variant, shape, split):
 
 
 def test_decode_step_keeps_the_sequence_shards():
-  """A decode step over a sequence-sharded cache returns it still split 8 ways (the new token
-  written on the shard owning its slot, nothing gathered)."""
+  """A decode step over a sequence-sharded cache returns it still split 8 ways, the new token
+  written on the shard owning its slot; its compiled code gathers nothing."""
   model, _ = model_and_reference("mla")
   plan = decode_sharded.DecodePlan.make(sharding.make_mesh({"sequence": 8}))
   cache = decode_sharded.init_cache(model.cfg, 4, 16, plan)
   graphdef, state = nnx.split(model)
   cache = cache.replace(lengths=jnp.array([0, 5, 9, 15], jnp.int32))
   total = sum(x.nbytes for x in jax.tree.leaves(cache.layers))
-  logits, cache = decode_step_jit(graphdef, state, cache, jnp.ones((4, 1), jnp.int32),
-                                  plan)
+  tokens = jnp.ones((4, 1), jnp.int32)
+  step = decode_step_jit.lower(graphdef, state, cache, tokens, plan).compile()
+  assert "all-gather" not in step.as_text()  # only the partials' all-reduces cross devices
+  logits, cache = step(state, cache, tokens)
   assert set(decode_sharded.per_device_bytes(cache.layers).values()) == {total // 8}
   np.testing.assert_array_equal(cache.lengths, [1, 6, 10, 16])
   # Token b went to slot lengths[b]: only that slot of the latent is non-zero in its row.
