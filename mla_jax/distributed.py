@@ -92,6 +92,28 @@ def settings(coordinator_address: str | None = None, num_processes: int | None =
   return {"source": source, **values}
 
 
+def wait_for_coordinator(address: str, timeout_s: float, flag: str) -> None:
+  """Returns once address (HOST:PORT) accepts a TCP connection; DistributedError naming `flag`
+  after timeout_s. jax's own client may abort the process (not raise) when the coordinator never
+  answers, so the processes other than 0 check first and fail with one line."""
+  import socket
+  import time
+
+  host, port = address.rsplit(":", 1)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise DistributedError(
+            f"{flag}: no coordinator answered at {address} within --distributed_timeout="
+            f"{timeout_s:g} s ({e.strerror or e}); is process 0 running there, with the same "
+            "address, and the port open?") from None
+      time.sleep(0.2)
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: int = DEFAULT_TIMEOUT_S,
                environ: Mapping[str, str] | None = None) -> dict | None:
@@ -107,7 +129,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
   # CPU processes need a collectives backend for cross-process all-reduces (no effect on GPU/TPU).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  addr_flag = "--coordinator_address" if s["source"] == "flags" else s["source"]
+  addr_flag = {"flags": "--coordinator_address", "env": ENV_ADDRESS}.get(s["source"],
+                                                                        s["source"])
+  if s["coordinator_address"] and s["process_id"]:  # process 0 is the coordinator
+    wait_for_coordinator(s["coordinator_address"], timeout_s, addr_flag)
   try:
     jax.distributed.initialize(s["coordinator_address"], s["num_processes"], s["process_id"],
                                initialization_timeout=int(timeout_s))
