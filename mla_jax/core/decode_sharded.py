@@ -109,7 +109,7 @@ def round_up_slots(slots: int, plan: DecodePlan | None) -> int:
 
 
 def init_cache(cfg, batch: int, max_len: int, plan: DecodePlan) -> cache_lib.Cache:
-  """cache.init_cache born sharded: no device ever holds the whole cache."""
+  """cache.init_cache born sharded: each device makes only its own shard of the zeros."""
   abstract = jax.eval_shape(lambda: cache_lib.init_cache(cfg, batch, max_len))
   return jax.jit(lambda: cache_lib.init_cache(cfg, batch, max_len),
                  out_shardings=plan.cache_shardings(abstract))()
