@@ -207,11 +207,14 @@ def gqa_attend(plan: DecodePlan, q, k, v, cache: cache_lib.KVCache, lengths, sca
   def shard(q, k, v, k_old, v_old, lengths):
     def scores(keys):
       return jnp.einsum("BTGMK,BSGK->BGMTS", q, keys, preferred_element_type=jnp.float32) * scale
-    attend = lambda values: lambda p: jnp.einsum("BSGK,BGMTS->BGMTK", values, p.astype(dt)
-                                                 ).astype(jnp.float32)
+    # XLA:CPU relayouts the cache to [B, G, S, K] for these dots (full copies): tie each copy to
+    # what it waits for, as GQAttention does (cache.schedule_after), or all layers' copies start
+    # at once.
+    attend = lambda values: lambda p: jnp.einsum(
+        "BSGK,BGMTS->BGMTK", cache_lib.schedule_after(values, p), p.astype(dt)).astype(jnp.float32)
     filled = jnp.arange(k_old.shape[1]) < _local_lengths(lengths, k_old.shape[1])[:, None]
-    old = _merge_over_sequence(*_partial(scores(k_old.astype(dt)), filled[:, None, None, None],
-                                         attend(v_old.astype(dt))))
+    old = _merge_over_sequence(*_partial(scores(cache_lib.schedule_after(k_old.astype(dt), k)),
+                                         filled[:, None, None, None], attend(v_old.astype(dt))))
     new = _partial(scores(k), _causal(q.shape[1]), attend(v))
     o = jnp.moveaxis(_merge([old, new]), 3, 1).astype(dt)  # [B, G, M, T, K] -> [B, T, G, M, K]
     return o, _write_local(k_old, k, lengths, o), _write_local(v_old, v, lengths, o)
