@@ -176,7 +176,8 @@ def test_mesh_errors_name_the_field():
     distributed.parse_dcn("pipe=2")
   config = lm.get_config("attn=mla,size=tiny")
   config.mesh.data = 3
-  with pytest.raises(ValueError, match=r"^mesh\.data/fsdp/tensor/sequence: data=3 .* 8 devices"):
+  with pytest.raises(ValueError, match=r"^mesh: data=3 .*\(--config\.mesh\.data/fsdp/tensor/seq"
+                                       r"uence\) does not match the 8 devices \(1 process x 8\)"):
     trainer.check_config(ExperimentConfig.from_config(config))
 
 

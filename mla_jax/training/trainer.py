@@ -79,8 +79,9 @@ def check_config(exp: ExperimentConfig) -> tuple[dict[str, int], dict[str, Any]]
     if not str(e).startswith("mesh: "):
       raise
     shape = " x ".join(f"{a}={n}" for a, n in exp.mesh.shape.items())
-    raise ValueError(f"mesh.data/fsdp/tensor/sequence: {shape} does not match the "
-                     f"{jax.device_count()} devices ({jax.process_count()} processes x "
+    procs = jax.process_count()
+    raise ValueError(f"mesh: {shape} (--config.mesh.data/fsdp/tensor/sequence) does not match "
+                     f"the {jax.device_count()} devices ({procs} process{'es' * (procs > 1)} x "
                      f"{jax.local_device_count()}); set one axis to -1 to fill") from None
   rules = parse_rules(exp.mesh.rules)
   dp = shd.data_parallel_size(sizes, rules)
