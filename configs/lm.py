@@ -45,7 +45,7 @@ SIZES = {
                  steps=20000, lr=6e-4, accelerator=True),  # GPT-2-small-sized
     "350m": Size(d_model=1024, n_layers=24, n_heads=16, seq_len=1024, global_batch=256,
                  steps=40000, lr=3e-4, accelerator=True),
-    # Pod-scale shapes to plan with (scripts/plan.py; ~1.2B and ~6.5B parameters at a 32k vocab):
+    # Pod-scale shapes to plan with (scripts/plan.py; MLA: 1.18B and 6.59B parameters, 32k vocab):
     # TinyLlama / Llama-2-7B widths and depths, head dim 128.
     "1b": Size(d_model=2048, n_layers=22, n_heads=16, seq_len=2048, global_batch=512,
                steps=50000, lr=3e-4, accelerator=True),
