@@ -47,6 +47,13 @@ Targets printed at the end: absorbed vs naive speed-up at the longest context (>
 absorbed / MQA time (<= 2x).
 
 What the measurements found, and why attention.py looks as it does: docs/performance.md.
+
+Sharded decode (--devices=1,2,4,8; docs/sharding.md): for each device count N, the cache split N
+ways over `sequence` (the shard_map log-sum-exp path and plain GSPMD-partitioned einsums), over
+batch (`data`) and over `tensor`, for MHA and absorbed MLA at the longest context and the largest
+batch: the cache bytes each device holds (from addressable_shards) and ms per decode step. On a
+CPU the N devices are fake (XLA_FLAGS=--xla_force_host_platform_device_count, set here) and share
+the same cores: only the bytes scale, the times say what the partitioning costs, not a speed-up.
 """
 
 from __future__ import annotations
@@ -56,7 +63,22 @@ import json  # noqa: E402
 import os
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import sys
 import time  # noqa: E402
+
+
+def _fake_devices_from_argv() -> None:
+  """--devices=1,2,4,8 needs that many devices; on a CPU they are fake, and XLA reads the flag
+  once, when jax is imported: hence before the imports below."""
+  for arg in sys.argv[1:]:
+    if arg.startswith("--devices="):
+      n = max(int(d) for d in arg.split("=", 1)[1].split(",") if d.strip())
+      flag = f"--xla_force_host_platform_device_count={n}"
+      if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+
+_fake_devices_from_argv()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -212,6 +234,74 @@ def kernel_targets(records: list[dict]) -> list[dict]:
   return out
 
 
+# (row name, config overrides, mesh axis the cache is split over, sharded_impl)
+SHARDED_ROWS = [
+    ("mha", dict(attention="mha"), "sequence", "shard_map"),
+    ("mha", dict(attention="mha"), "sequence", "gspmd"),
+    ("mha", dict(attention="mha"), "data", "shard_map"),
+    ("mha", dict(attention="mha"), "tensor", "shard_map"),
+    ("mla-absorbed", dict(MLA, mla_decode_impl="absorbed"), "sequence", "shard_map"),
+    ("mla-absorbed", dict(MLA, mla_decode_impl="absorbed"), "sequence", "gspmd"),
+    ("mla-absorbed", dict(MLA, mla_decode_impl="absorbed"), "data", "shard_map"),
+    ("mla-absorbed", dict(MLA, mla_decode_impl="absorbed"), "tensor", "shard_map"),
+]
+
+
+def bench_devices(devices: list[int], context: int, batch: int, steps: int,
+                  rounds: int = 2) -> list[dict]:
+  """One record per (row, device count): cache bytes per device and ms per decode step. Every
+  cell is timed once per round, rows in reverse order on odd rounds, so a burst of load from
+  another process or the order itself does not favour one row; ms_per_token is the smallest of
+  the rounds' medians (each round's list is kept in the record)."""
+  from mla_jax.core import decode_sharded, sharding
+  from mla_jax.evaluation import decode_speed
+
+  if max(devices) > jax.device_count():
+    raise SystemExit(f"error: --devices: {max(devices)} devices asked, {jax.device_count()} "
+                     "present")
+  models, cells = {}, {}
+  for rnd in range(rounds):
+    for name, overrides, axis, impl in SHARDED_ROWS[::-1 if rnd % 2 else 1]:
+      if name not in models:
+        models[name] = Transformer(make_config(overrides, context), rngs=nnx.Rngs(0))
+      for n in devices:
+        mesh = sharding.make_mesh({axis: n}, devices=jax.devices()[:n])
+        plan = decode_sharded.DecodePlan.make(mesh, impl=impl)
+        r = decode_speed.time_decode(models[name], context, batch, steps, warmup=1, plan=plan)
+        cells.setdefault((name, axis, impl, n), []).append(r)
+        print(f"round {rnd}: {name:12s} split over {axis:8s} ({impl:9s}) on {n} devices: "
+              f"{r['cache_bytes_per_device'] / 2**20:8.2f} MiB cache per device "
+              f"(of {r['cache_bytes'] / 2**20:.2f}), {r['ms_per_token']:8.2f} ms/step",
+              flush=True)
+  records = []
+  for name, _, axis, impl in SHARDED_ROWS:
+    for n in devices:
+      runs = cells[(name, axis, impl, n)]
+      records.append(dict(
+          variant=name, axis=axis, impl=impl, devices=n, context=context, batch=batch,
+          ms_per_token=min(r["ms_per_token"] for r in runs),
+          round_ms_per_token=[r["ms_per_token"] for r in runs],
+          cache_bytes=runs[0]["cache_bytes"],
+          cache_bytes_per_device=runs[0]["cache_bytes_per_device"],
+          kv_bytes_per_token=kv_cache_bytes_per_token(models[name].cfg),
+          device_kind=jax.devices()[0].device_kind))
+  return records
+
+
+def devices_table(records: list[dict]) -> str:
+  """Rows (variant, axis, impl), one column per device count: 'MiB per device / ms per step'."""
+  counts = sorted({r["devices"] for r in records})
+  lines = ["| variant | cache split over | impl | " + " | ".join(
+      f"{n} dev: MiB/dev, ms" for n in counts) + " |", "|" + "---|" * (3 + len(counts))]
+  keys = list(dict.fromkeys((r["variant"], r["axis"], r["impl"]) for r in records))
+  by = {(r["variant"], r["axis"], r["impl"], r["devices"]): r for r in records}
+  for key in keys:
+    cells = [f"{by[key + (n,)]['cache_bytes_per_device'] / 2**20:.1f}, "
+             f"{by[key + (n,)]['ms_per_token']:.1f}" if key + (n,) in by else "-" for n in counts]
+    lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--json", required=True, help="where to write the list of records")
@@ -226,7 +316,25 @@ def main(argv=None):
                       "on CPU all but mla-pallas)")
   parser.add_argument("--peak_gbps", type=float, default=0.0,
                       help="peak memory bandwidth, GB/s (default: PEAK_GBPS by device kind)")
+  parser.add_argument("--devices", default="",
+                      help="sharded decode instead: comma list of device counts, e.g. 1,2,4,8 "
+                      "(fake CPU devices here); longest --contexts, largest --batches")
   args = parser.parse_args(argv)
+  if args.devices:
+    contexts = parse_contexts(args.contexts) if args.contexts else [4096]
+    batch = max(int(b) for b in args.batches.split(","))
+    devices = [int(d) for d in args.devices.split(",")]
+    print(f"# sharded decode on {jax.device_count()} {jax.devices()[0].platform} devices "
+          f"({jax.devices()[0].device_kind}; fake devices share the CPU's cores: only the bytes "
+          f"scale), context {max(contexts)}, batch {batch}", flush=True)
+    records = bench_devices(devices, max(contexts), batch, args.steps or 5)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(records, f, indent=1)
+    print("\ncache MiB per device, ms per decode step (smallest of the rounds' medians):")
+    print(devices_table(records))
+    print(f"wrote {len(records)} records to {args.json}")
+    return
 
   contexts = (parse_contexts(args.contexts) if args.contexts
               else [1024, 4096] if args.quick else [1024, 4096, 16384])
