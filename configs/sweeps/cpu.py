@@ -23,10 +23,10 @@ Protocol:
   2. final runs: 576 steps = 2.36M tokens per run (5.0 tokens per parameter), seeds 0, 1, 2;
   3. every final run evaluated on the whole validation split, decode timed interleaved.
 
-Budget (estimated, not yet run end to end): a 60-step probe of the D=96 models ran ~14k tokens/s
-on the project's idle 2-core CPU, so 18 final runs x ~170 s + 24 tuning runs x ~45 s + ~25 s
-evaluation per final run + ~10 s start-up per run ~ 80 min; the two YOCO variants add 6 final
-and 8 tuning runs, ~27 min (their speed not yet measured).
+Budget (measured for the six MHA/GQA/MQA/MLA variants, docs/results/cpu/report.md): 24 tuning
+runs of 65-90 s and 18 final runs of 200-230 s training + 6-40 s evaluation on the idle 2-core CPU,
+~28 + 71 min ~ 100 min (10% over the 90-minute target: per-run start-up and compile, ~20 s, is a
+third of a tuning run); the two YOCO variants add 8 tuning and 6 final runs, ~30 min (not yet run).
 """
 
 from ml_collections import ConfigDict
