@@ -174,6 +174,13 @@ def test_bad_settings_are_one_line_naming_the_flag(kwargs, flag):
   assert str(e.value).startswith(flag) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("kw", [dict(attention="yoco", n_layers=2, yoco_window=4),
+                                dict(attention="mha", dmc=True)])
+def test_yoco_and_dmc_models_are_refused_with_one_line(kw):
+  with pytest.raises(PolicyError, match="^--cache_policy: YOCO and DMC"):
+    budget.check_model(tiny(**kw))
+
+
 def test_budget_as_tokens_or_fraction():
   assert parse_budget("256", 1024) == 256
   assert parse_budget("0.25", 1024) == 256

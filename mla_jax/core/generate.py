@@ -67,7 +67,7 @@ def _generate(graphdef, state, cache, prompts, lengths, max_new_tokens, rng, eos
               top_k, top_p, plan=None, keep_logits=False):
   with decode_sharded.use(plan):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.extend(prompts, cache)
+    logits, cache = model.extend(prompts, cache, n_valid=lengths)
   # Prompts are right-padded: take each one's last real logit, then rewind the fill level to it.
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
   cache = _pin(cache.replace(lengths=lengths), plan)

@@ -85,7 +85,11 @@ def _array_init(spec: ArraySpec, lead: tuple, s: int, policy: Policy, dtype) -> 
 
 def check_model(cfg: ModelConfig) -> None:
   """MHA2MLA conversions with one rope key per KV group or per-layer frequencies are not covered
-  (the budget cache holds one rope key per slot, rotated with the standard frequencies)."""
+  (the budget cache holds one rope key per slot, rotated with the standard frequencies); nor are
+  YOCO's or DMC's caches, which compress by design (core/yoco.py, core/dmc.py)."""
+  if cfg.attention == "yoco" or getattr(cfg, "dmc", False):
+    raise PolicyError("--cache_policy: YOCO and DMC models keep their own compressed caches; "
+                      "the budget cache covers MHA/GQA/MQA and MLA")
   if cfg.attention == "mla" and (getattr(cfg, "mla_rope_kv_heads", 1) != 1
                                  or getattr(cfg, "mla_rope_pairs", ())):
     raise PolicyError("--cache_policy: MLA models with mla_rope_kv_heads > 1 or mla_rope_pairs "

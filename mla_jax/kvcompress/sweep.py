@@ -69,6 +69,9 @@ def run_compress_sweep(runs_dir: str, out: str, policies=("streaming", "h2o", "t
     run = os.path.basename(wd_path)
     model = wd.load_model("latest")
     cfg, tok = model.cfg, wd.tokenizer()
+    if cfg.attention == "yoco" or cfg.dmc:  # their caches are compressed by design
+      progress(f"{run}: skipped (YOCO / DMC models keep their own caches)")
+      continue
     seq_len = wd.config["data"]["seq_len"]
     val, bpt, _ = load_val(wd, parse_data(None, wd.config))
     lengths = tuple(min(n, cfg.max_seq_len) for n in passkey_lengths)
