@@ -1,10 +1,13 @@
 """Shared by the model, attention and sharding tests: tiny configs and fast test-side compiles."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mla_jax.core import cache as cache_lib
 from mla_jax.core.config import ModelConfig
 
 # Test-side jits skip LLVM's optimisation passes: CPU compiles take ~2-3x less time and neither
@@ -36,3 +39,24 @@ def random_module(cls, cfg: ModelConfig, seed: int = 0):
 
   is_var = lambda x: isinstance(x, nnx.Variable)
   return nnx.merge(graphdef, jax.tree.map(fill, state, is_leaf=is_var))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
+def _full_and_incremental(graphdef, state, tokens, n_prefill):
+  model = nnx.merge(graphdef, state)
+  cache = cache_lib.init_cache(model.cfg, tokens.shape[0])
+  prefill, cache = model.extend(tokens[:, :n_prefill], cache)
+
+  def step(cache, tok):  # one `extend` per remaining token
+    logits, cache = model.extend(tok[:, None], cache)
+    return cache, logits[:, 0]
+
+  cache, steps = jax.lax.scan(step, cache, tokens[:, n_prefill:].T)
+  return model(tokens), jnp.concatenate([prefill, steps.transpose(1, 0, 2)], axis=1), cache
+
+
+def full_and_incremental(model, tokens, n_prefill):
+  """(full forward logits [B, T, V], logits from a prefill of n_prefill tokens then token-by-token
+  decode with `model.extend` into `init_cache` [B, T, V], the final cache); one compile per
+  config."""
+  return _full_and_incremental(*nnx.split(model), tokens, n_prefill)

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from model_helpers import FAST_COMPILE, random_module, tiny
+from model_helpers import FAST_COMPILE, full_and_incremental, random_module, tiny
 
 from mla_jax.core import cache as cache_lib
 from mla_jax.core import dmc
@@ -23,24 +23,6 @@ from mla_jax.core.model import Transformer
 from mla_jax.training.step import TrainState, make_train_step
 
 ATOL = 1e-5
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
-def _full_and_incremental(graphdef, state, tokens, n_prefill):
-  model = nnx.merge(graphdef, state)
-  cache = cache_lib.init_cache(model.cfg, tokens.shape[0])
-  prefill, cache = model.extend(tokens[:, :n_prefill], cache)
-
-  def step(cache, tok):
-    logits, cache = model.extend(tok[:, None], cache)
-    return cache, logits[:, 0]
-
-  cache, steps = jax.lax.scan(step, cache, tokens[:, n_prefill:].T)
-  return model(tokens), jnp.concatenate([prefill, steps.transpose(1, 0, 2)], axis=1), cache
-
-
-def full_and_incremental(model, tokens, n_prefill):
-  return _full_and_incremental(*nnx.split(model), tokens, n_prefill)
 
 
 # Hand-computed running averages ---------------------------------------------------------------

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_helpers import FAST_COMPILE, random_module, tiny
+from model_helpers import FAST_COMPILE, full_and_incremental, random_module, tiny
 
 from mla_jax.core import cache as cache_lib
 from mla_jax.core.attention import MLAttention, mla_absorbed, mla_pallas, resolve_mla_impl
@@ -134,21 +134,6 @@ def test_attention_path_equals_absorbed_with_new_tokens():
   assert np.abs(np.asarray(want)).max() > 0.1
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
-def _decode_tokens(graphdef, state, tokens, n_prefill):
-  """Prefill n_prefill tokens, then one `extend` per token: the logits of every position."""
-  model = nnx.merge(graphdef, state)
-  cache = cache_lib.init_cache(model.cfg, tokens.shape[0])
-  prefill, cache = model.extend(tokens[:, :n_prefill], cache)
-
-  def step(cache, tok):
-    logits, cache = model.extend(tok[:, None], cache)
-    return cache, logits[:, 0]
-
-  cache, steps = jax.lax.scan(step, cache, tokens[:, n_prefill:].T)
-  return jnp.concatenate([prefill, steps.transpose(1, 0, 2)], axis=1), cache
-
-
 @pytest.mark.parametrize("cache_dtype", ["", "bfloat16"])
 def test_model_decode_pallas_equals_absorbed(cache_dtype):
   """A whole Transformer (2 layers, low-rank query) decoding token by token gives the same logits
@@ -158,7 +143,7 @@ def test_model_decode_pallas_equals_absorbed(cache_dtype):
   out = {}
   for impl in ("absorbed", "pallas"):
     model = random_module(Transformer, tiny(mla_decode_impl=impl, **kw), seed=5)
-    out[impl] = _decode_tokens(*nnx.split(model), tokens, 3)
+    out[impl] = full_and_incremental(model, tokens, 3)[1:]
   np.testing.assert_allclose(out["pallas"][0], out["absorbed"][0], atol=ATOL)
   # Layer 2's cache holds projections of layer 1's output, equal to ~1e-7: rounded to bfloat16, a
   # value may land one bfloat16 step (2^-8 relative) apart.

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_helpers import FAST_COMPILE, random_module
+from model_helpers import FAST_COMPILE, full_and_incremental, random_module
 from model_helpers import tiny as _tiny
 
 from mla_jax.core import cache as cache_lib
@@ -54,26 +54,6 @@ def _forward(graphdef, state, tokens):
 
 def forward(model, tokens):
   return _forward(*nnx.split(model), tokens)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
-def _full_and_incremental(graphdef, state, tokens, n_prefill):
-  model = nnx.merge(graphdef, state)
-  cache = cache_lib.init_cache(model.cfg, tokens.shape[0])
-  prefill, cache = model.extend(tokens[:, :n_prefill], cache)
-
-  def step(cache, tok):  # one `extend` per remaining token
-    logits, cache = model.extend(tok[:, None], cache)
-    return cache, logits[:, 0]
-
-  cache, steps = jax.lax.scan(step, cache, tokens[:, n_prefill:].T)
-  return model(tokens), jnp.concatenate([prefill, steps.transpose(1, 0, 2)], axis=1), cache
-
-
-def full_and_incremental(model, tokens, n_prefill):
-  """(full forward logits, logits from a prefill of n_prefill tokens then token-by-token decode
-  with `model.extend` into `init_cache`, the final cache); one compile per config."""
-  return _full_and_incremental(*nnx.split(model), tokens, n_prefill)
 
 
 # Cached decode == full forward --------------------------------------------------------------------

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_helpers import FAST_COMPILE, random_module, tiny
+from model_helpers import FAST_COMPILE, full_and_incremental, random_module, tiny
 
 from mla_jax.core import cache as cache_lib
 from mla_jax.core import yoco
@@ -33,26 +33,12 @@ def yoco_tiny(**kw):
   return tiny(**{"attention": "yoco", "n_layers": 2, "yoco_window": 3, **kw})
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
-def _full_and_incremental(graphdef, state, tokens, n_prefill):
-  model = nnx.merge(graphdef, state)
-  cache = cache_lib.init_cache(model.cfg, tokens.shape[0])
-  prefill, cache = model.extend(tokens[:, :n_prefill], cache)
-
-  def step(cache, tok):
-    logits, cache = model.extend(tok[:, None], cache)
-    return cache, logits[:, 0]
-
-  cache, steps = jax.lax.scan(step, cache, tokens[:, n_prefill:].T)
-  return model(tokens), jnp.concatenate([prefill, steps.transpose(1, 0, 2)], axis=1), cache
-
-
 @pytest.mark.parametrize("kind, n_prefill", [("kv", 7), ("latent", 4)])
 def test_cached_decode_matches_full_forward(kind, n_prefill):
   cfg = yoco_tiny(**GLOBAL[kind])
   model = random_module(Transformer, cfg, seed=1)
   tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size)
-  full, incremental, cache = _full_and_incremental(*nnx.split(model), tokens, n_prefill)
+  full, incremental, cache = full_and_incremental(model, tokens, n_prefill)
   np.testing.assert_allclose(incremental, full, atol=ATOL)
   assert float(jnp.std(full)) > 0.3  # not flat: a cache that ignored history would fail
   np.testing.assert_array_equal(cache.lengths, [10, 10])
