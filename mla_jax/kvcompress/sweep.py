@@ -18,6 +18,8 @@ import json
 import os
 import time
 
+import jax
+
 from mla_jax.core.config import kv_cache_bytes_per_token
 from mla_jax.kvcompress import evaluate
 from mla_jax.kvcompress.policy import Policy, validate
@@ -65,6 +67,9 @@ def run_compress_sweep(runs_dir: str, out: str, policies=("streaming", "h2o", "t
   if not workdirs:
     raise ValueError(f"--runs_dir: no trained workdir under {runs_dir}")
   for wd_path in workdirs:
+    # Each workdir compiles its own decode programs (~20 per policy grid); kept alive, a sweep's
+    # executables exhausted LLVM's code memory ("Cannot allocate memory", then a segfault).
+    jax.clear_caches()
     wd = Workdir.open(wd_path)
     run = os.path.basename(wd_path)
     model = wd.load_model("latest")
