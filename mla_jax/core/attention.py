@@ -23,6 +23,7 @@ from mla_jax.core import decode_sharded, probes
 from mla_jax.core.cache import schedule_after
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.layers import RMSNorm, apply_rope, dense, param, rope_angles
+from mla_jax.core.layers import rope_scores as _rope_scores
 from mla_jax.kernels import mla_decode
 
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
@@ -169,19 +170,6 @@ class GQAttention(nnx.Module):
 # causally to themselves, `block` queries at a time (causal_attention); with past = (c [B, S, C],
 # k_rope [B, S, R]), the cache before this call with lengths [B] slots filled, they attend over
 # [past; new tokens] with one softmax (causal_probs).
-
-
-def _rope_scores(q_rope: jax.Array, k_rope: jax.Array) -> jax.Array:
-  """q_R . k_R of queries [B, T, H, R] against the ONE rope key per slot [B, S, R] -> [B, H, T, S]
-  float32: the same in both paths. With one rope key per KV group (MHA2MLA), k_rope [B, S, G, R]
-  and query head h reads key h // (H / G), as GQA does."""
-  if k_rope.ndim == 3:
-    return jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
-  b, t, h, r = q_rope.shape
-  g = k_rope.shape[2]
-  s = jnp.einsum("BTGMR,BSGR->BGMTS", q_rope.reshape(b, t, g, h // g, r), k_rope,
-                 preferred_element_type=jnp.float32)
-  return s.reshape(b, h, t, k_rope.shape[1])
 
 
 def _rope_key_per_head(k_rope: jax.Array, h: int) -> jax.Array:

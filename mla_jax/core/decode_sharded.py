@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from mla_jax.core import cache as cache_lib
 from mla_jax.core import sharding as shd
+from mla_jax.core.layers import rope_scores
 
 SEQ = "sequence"
 _NEG = -1e30  # as attention._NEG: a finite "minus infinity"
@@ -244,15 +245,6 @@ def mla_attend(plan: DecodePlan, q_c, q_rope, c, k_rope, cache: cache_lib.Latent
   q_spec = P(bs, None, hs, None)
   new_rope_spec = P(bs, None, None, None) if k_rope.ndim == 4 else P(bs, None, None)
   groups = k_rope.shape[2] if k_rope.ndim == 4 else 0
-
-  def rope_scores(qr, kr):  # [B, T, H, R] x [B, S, R] or [B, S, G, R] -> [B, H, T, S]
-    if kr.ndim == 3:
-      return jnp.einsum("BTHR,BSR->BHTS", qr, kr, preferred_element_type=jnp.float32)
-    b, t, h, r = qr.shape
-    g = kr.shape[2]
-    s = jnp.einsum("BTGMR,BSGR->BGMTS", qr.reshape(b, t, g, h // g, r), kr,
-                   preferred_element_type=jnp.float32)
-    return s.reshape(b, h, t, kr.shape[1])
 
   def shard(q_c, q_rope, c, k_rope, c_old, kr_old, lengths):
     if groups:  # per-group rope keys are cached flat [B, S, G_R * R]
