@@ -5,7 +5,8 @@ r"""Train and evaluate every run of a sweep, then write a comparison report (eva
   python scripts/compare.py --sweep=cpu --params                   # param counts, d_ff to match
 
 A sweep is a config file, configs/sweeps/<name>.py (or any path), whose get_config() lists the runs
-(see configs/sweeps/cpu.py). For each run, in order:
+(see configs/sweeps/cpu.py). For each run, with up to --jobs (default: the sweep's `jobs`) runs
+training at once:
   1. train: `python train.py --config=<experiment>:<arg> --workdir=<runs_dir>/<run> --config.k=v`
      in a subprocess (clean memory per run, exactly what a user would type; its output goes to
      <workdir>/train.log). A run is finished when its newest checkpoint step equals train.steps;
@@ -64,7 +65,8 @@ def main(argv):
       if bad:
         raise SweepError(f"--compress / --compress_quants: unknown {bad}; policies "
                          f"{POLICIES[1:]}, quantisations {QUANTS}")
-    run_sweep(FLAGS.sweep, FLAGS.out, FLAGS.runs_dir, FLAGS.steps, FLAGS.reuse, FLAGS.only)
+    run_sweep(FLAGS.sweep, FLAGS.out, FLAGS.runs_dir, FLAGS.steps, FLAGS.reuse, FLAGS.only,
+              jobs=FLAGS.jobs)
     if policies:
       compress(policies)
   except (SweepError, ValueError, FileNotFoundError, KeyError) as e:
@@ -100,6 +102,8 @@ def define_flags():
                     "checkpoint instead of evaluating again.")
   flags.DEFINE_bool("params", False, "Only print parameter counts (and d_ff that would match the "
                     "reference run) and exit.")
+  flags.DEFINE_integer("jobs", None, "Training processes at once (default: the sweep's jobs, "
+                       "else 1); each run is evaluated as soon as it has trained.")
   flags.DEFINE_string("only", None, "Comma-separated run names: train/evaluate only these.")
   flags.DEFINE_string("compress", "", "Eviction policies for the inference-time compression "
                       "sweep on each variant's first-seed final run (empty: none).")

@@ -319,6 +319,11 @@ def test_compare_tiny_sweep_writes_report(tmp_path, monkeypatch):
   for name, r in results["runs"].items():
     assert math.isfinite(r["val_bpb"]) and r["kv_bytes_per_token"] > 0, name
     assert r["curve"] and r["decode"]
+    # decode is timed once, interleaved over all runs (decode_rounds), not per run beside training
+    assert json.loads((out / "runs" / name / "eval.json").read_text())["decode"] == {}
+  wall = results["setup"]["wall"]
+  assert (wall["jobs"], wall["runs_trained"], wall["runs"]) == (2, 8, 8)
+  assert sum(wall["phases"].values()) == pytest.approx(wall["seconds"], abs=0.2)
   mla, mha = results["variants"]["mla"], results["variants"]["mha"]
   assert mla["kv_bytes_per_token"] < mha["kv_bytes_per_token"]
   bpb = [results["runs"][f"mla_s{s}"]["val_bpb"] for s in (0, 1)]
@@ -327,7 +332,8 @@ def test_compare_tiny_sweep_writes_report(tmp_path, monkeypatch):
   assert (pair["a"], pair["b"], pair["kind"]) == ("mla", "mha", "vs reference")
   text = (out / "report.md").read_text()
   for needle in ("| mha_s0 |", "| mla_s1 |", "compare.py --sweep=tiny", "### Learning-rate tuning",
-                 "### Differences against seed noise", "| mla vs mha | vs reference |"):
+                 "### Differences against seed noise", "| mla vs mha | vs reference |",
+                 "- Wall time of the command that wrote this report: "):
     assert needle in text, needle
   for png in report.PLOTS.values():
     data = (out / png).read_bytes()
@@ -338,8 +344,10 @@ def test_compare_tiny_sweep_writes_report(tmp_path, monkeypatch):
   logs = [out / "runs" / "mha_s0" / "train.log",
           out / "runs" / "tune" / "mha_lr0.001" / "train.log"]
   sizes = [log.stat().st_size for log in logs]
-  compare.run_sweep("tiny", str(out), reuse=True)
+  compare.run_sweep("tiny", str(out), reuse=True, jobs=1)
   assert [log.stat().st_size for log in logs] == sizes
+  wall = json.loads((out / "results.json").read_text())["setup"]["wall"]
+  assert (wall["jobs"], wall["runs_trained"]) == (1, 0)
   # A workdir trained for other steps is refused rather than resumed into the sweep.
   with pytest.raises(compare.SweepError, match="train.steps=8"):
     compare.run_sweep("tiny", str(out), steps=9)

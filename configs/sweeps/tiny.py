@@ -13,6 +13,7 @@ def get_config() -> ConfigDict:
   c.experiment = "configs/lm.py"
   c.steps = 8
   c.evals, c.ckpts, c.warmup_fraction = 2, 1, 0.25
+  c.jobs = 2  # two train.py processes at once (the pool is part of what the test covers)
   c.overrides = ConfigDict(dict(
       model=dict(d_model=32, n_layers=1, n_heads=4, max_seq_len=128, qk_rope_head_dim=4),
       # 520 kB: the first 20 sorted stdlib files, so that one (abc.py) is validation.

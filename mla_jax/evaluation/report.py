@@ -42,7 +42,8 @@ def dims(r: dict) -> str:
 
 
 def collect(sweep, runs, results: dict, runs_dir: str, command: str,
-            train_seconds: dict | None = None, lr_table: dict | None = None) -> dict:
+            train_seconds: dict | None = None, lr_table: dict | None = None,
+            wall: dict | None = None) -> dict:
   """The results.json document: setup, one entry per run, seed statistics per variant, the
   learning-rate tuning table and the pairwise comparisons (evaluation.stats conventions)."""
   ref_name = sweep.get("reference", runs[0]["name"])
@@ -82,6 +83,7 @@ def collect(sweep, runs, results: dict, runs_dir: str, command: str,
       "device": first.get("device"),
       "code": code_version(),  # at report time: timings re-taken then, training possibly earlier
       "seeds": {v: s["seeds"] for v, s in stats.items()},
+      "wall": wall,  # this invocation of the sweep: jobs, seconds per phase, runs it trained
   }
   tuning = {v: {"grid": {repr(lr): b for lr, b in e["grid"].items()}, "chosen": e["chosen"],
                "on_edge": e["on_edge"]} for v, e in (lr_table or {}).items()}
@@ -102,6 +104,18 @@ def comparisons(runs: dict, stats: dict, reference: str) -> list[dict]:
         pairs.append((m, b))
   return [{"kind": "vs reference" if b == reference else "equal cache",
            **stats_lib.compare(a, values[a], b, values[b])} for a, b in pairs]
+
+
+def wall_line(wall: dict | None) -> str:
+  """The sweep's wall time as one Setup bullet."""
+  if not wall:
+    return "- Wall time: not recorded."
+  p = wall["phases"]
+  return (f"- Wall time of the command that wrote this report: {wall['seconds'] / 60:.1f} min, "
+          f"{wall['jobs']} training process(es) at once (learning-rate tuning "
+          f"{p['tuning'] / 60:.1f}, final runs + evaluation {p['final'] / 60:.1f}, decode timing "
+          f"{p['decode'] / 60:.1f}); it trained {wall['runs_trained']} of the "
+          f"{wall['runs']} runs, the others were finished already.")
 
 
 def code_version() -> str:
@@ -349,6 +363,7 @@ def markdown(doc: dict) -> str:
       f"given length, on `{setup.get('device')}` ({timing}); MLA cells read absorbed / naive "
       "path (same weights). tokens/s = 1000 / ms. Compare timings within one sweep only.",
       f"- Code: `{setup.get('code', 'unknown')}` when this report was written.",
+      wall_line(setup.get("wall")),
       "",
       "## Results", "",
       "| run | attention | dims | d_ff | params | val bpb | val loss | KV B/token "
@@ -443,8 +458,9 @@ def render(doc: dict, out: str) -> list[str]:
 
 
 def write_report(sweep, runs, results: dict, out: str, runs_dir: str, command: str,
-                 train_seconds: dict | None = None, lr_table: dict | None = None) -> list[str]:
-  doc = collect(sweep, runs, results, runs_dir, command, train_seconds, lr_table)
+                 train_seconds: dict | None = None, lr_table: dict | None = None,
+                 wall: dict | None = None) -> list[str]:
+  doc = collect(sweep, runs, results, runs_dir, command, train_seconds, lr_table, wall)
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, "results.json")
   with open(path, "w") as f:
