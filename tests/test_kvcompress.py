@@ -210,3 +210,39 @@ def test_mla_value_and_key_norms_come_from_the_latent(name):
   else:  # L2 norm of the absorbed path's key [c; k_R]
     want = np.linalg.norm(np.concatenate([c, kr], -1), axis=-1)
   np.testing.assert_allclose(np.asarray(aux)[0, 0, :10], want, rtol=1e-5)
+
+
+def test_own_cache_bpb_equals_the_uncompressed_budget_path_and_counts_bytes():
+  """The compression sweep's point for YOCO / DMC (evaluate.own_cache_bpb): on an MHA model it is
+  the uncompressed budget-cache bpb; DMC forced to append is its source model at the source's
+  bytes; forced to merge it holds one slot per head; YOCO's bytes include its window rings."""
+  import dataclasses
+
+  from mla_jax.core.config import kv_cache_bytes, kv_cache_bytes_per_token
+  from mla_jax.kvcompress import evaluate
+  from mla_jax.kvcompress.policy import Policy, validate
+
+  val = np.random.default_rng(0).integers(0, 64, 4 * 33).astype(np.int32)  # tiny's vocab: 64
+  mha = _model("mha")
+  seq, windows, scored = 32, 4, 16
+  ref = evaluate.prefix_bpb(mha, val, 1.0, validate(Policy(), seq), seq, windows, scored)
+  ours = evaluate.own_cache_bpb(mha, val, 1.0, seq, windows, scored)
+  assert ours["bpb"] == pytest.approx(ref["bpb"], abs=1e-5)
+  assert ours["bytes_per_token"] == kv_cache_bytes_per_token(mha.cfg)
+
+  # random_module: the same parameter shapes get the same weights (DMC adds no parameters)
+  appended = random_module(Transformer, dataclasses.replace(mha.cfg, dmc=True,
+                                                            dmc_decisions="append"))
+  a = evaluate.own_cache_bpb(appended, val, 1.0, seq, windows, scored)
+  assert a["bpb"] == pytest.approx(ref["bpb"], abs=1e-5) and a["compression"] == 1.0
+  assert a["bytes_per_token"] == kv_cache_bytes_per_token(mha.cfg)
+  merged = random_module(Transformer, dataclasses.replace(mha.cfg, dmc=True, dmc_decisions="merge"))
+  m = evaluate.own_cache_bpb(merged, val, 1.0, seq, windows, scored)
+  # every token merges into the first slot: one slot per (layer, head) for the 16-token prefix
+  assert m["compression"] == pytest.approx(16.0)
+  assert m["allocated_bytes_per_token"] == kv_cache_bytes(merged.cfg, 16) / 16
+  yoco = random_module(Transformer, tiny(attention="yoco", n_layers=2, yoco_window=4,
+                                         max_seq_len=64))
+  y = evaluate.own_cache_bpb(yoco, val, 1.0, seq, windows, scored)
+  assert y["bytes_per_token"] == kv_cache_bytes(yoco.cfg, 16) / 16 > kv_cache_bytes_per_token(
+      yoco.cfg)

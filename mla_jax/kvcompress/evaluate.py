@@ -95,6 +95,44 @@ def prefix_bpb(model, val, bytes_per_token: float, policy: Policy, seq_len: int,
           "scored": scored, "windows": windows}
 
 
+def own_cache_bpb(model, val, bytes_per_token: float, seq_len: int, windows: int,
+                  scored: int) -> dict:
+  """prefix_bpb for a model whose cache is compressed by design (YOCO, DMC), which the budget
+  caches do not cover: the same windows, prefix and scored tokens, through the model's own
+  cache (model.extend). -> bpb and the bytes per prefix token that cache holds after the
+  prefix: YOCO its global cache and window rings (config.kv_cache_bytes at the prefix length);
+  DMC the slots its hard decisions used ("bytes_per_token") and, as allocated by the
+  fixed-shape buffers, "allocated_bytes_per_token"."""
+  from mla_jax.core import dmc as dmc_lib
+  from mla_jax.core.config import kv_cache_bytes
+
+  cfg = model.cfg
+  batch = jnp.asarray(_windows(val, seq_len + 1, windows))
+  prefix = seq_len - scored
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, tokens):
+    m = nnx.merge(graphdef, state)
+    _, cache = m.extend(tokens[:, :prefix], cache_lib.init_cache(cfg, windows, seq_len))
+    logits, _ = m.extend(tokens[:, prefix:seq_len], cache)
+    return logits, cache
+
+  logits, cache = run(state, batch)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nats = -jnp.take_along_axis(logp, batch[:, prefix + 1:, None], axis=-1)[..., 0]
+  out = {"bpb": bits_per_byte(float(nats.mean()), bytes_per_token), "prefix": prefix,
+         "scored": scored, "windows": windows}
+  if cfg.dmc:
+    stats = dmc_lib.compression_stats(cache, cfg)
+    out.update(bytes_per_token=stats["bytes_used"] / stats["tokens"],
+               allocated_bytes_per_token=kv_cache_bytes(cfg, prefix) / prefix,
+               compression=stats["compression"])
+  else:
+    out["bytes_per_token"] = kv_cache_bytes(cfg, prefix) / prefix
+  return out
+
+
 def passkey_prompts(tokenizer, length: int, n: int, seed: int = 0):
   """n prompts of exactly `length` tokens -> (tokens [n, length] int32, keys: list of str)."""
   rng = np.random.default_rng(seed)

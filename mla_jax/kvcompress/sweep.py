@@ -8,7 +8,9 @@ the trained-in compression (MLA, GQA, MQA against MHA: the model's own cache byt
 runs at the kvpress grid (a fraction RATIOS of the compressed context, the prefix, evicted) and
 each quantisation, on the same validation windows (evaluate.prefix_bpb: the first half of a
 seq_len window compressed, the second half scored). Writes OUT/results.json, OUT/report.md,
-OUT/pareto_bpb.png (and OUT/pareto_passkey_<length>.png with passkey lengths).
+OUT/pareto_bpb.png (and OUT/pareto_passkey_<length>.png with passkey lengths). YOCO and DMC
+workdirs, whose caches are compressed by design and which the budget caches do not cover, are one
+point each, scored on the same windows through their own cache (evaluate.own_cache_bpb).
 """
 
 from __future__ import annotations
@@ -74,11 +76,16 @@ def run_compress_sweep(runs_dir: str, out: str, policies=("streaming", "h2o", "t
     run = os.path.basename(wd_path)
     model = wd.load_model("latest")
     cfg, tok = model.cfg, wd.tokenizer()
-    if cfg.attention == "yoco" or cfg.dmc:  # their caches are compressed by design
-      progress(f"{run}: skipped (YOCO / DMC models keep their own caches)")
-      continue
     seq_len = wd.config["data"]["seq_len"]
     val, bpt, _ = load_val(wd, parse_data(None, wd.config))
+    if cfg.attention == "yoco" or cfg.dmc:  # compressed by design: one point, its own cache
+      p = evaluate.own_cache_bpb(model, val, bpt, seq_len, windows, seq_len // 2)
+      rows.append({"run": run, "variant": "dmc" if cfg.dmc else cfg.attention, "policy": "none",
+                   "quant": "none", "ratio": 0.0, "budget": 0, "trained_in": True,
+                   **{k: v for k, v in p.items() if k not in ("prefix", "scored", "windows")}})
+      progress(f"{run}: its own (trained-in) cache: bpb {p['bpb']:.4f}, "
+               f"{p['bytes_per_token']:.0f} B/token over the {p['prefix']}-token prefix")
+      continue
     lengths = tuple(min(n, cfg.max_seq_len) for n in passkey_lengths)
     say = lambda text: progress(f"[{time.perf_counter() - started:6.0f}s] {run}: {text}")
 
@@ -134,7 +141,8 @@ def write_report(result: dict, out: str, passkey_lengths=()) -> None:
   base = {r["run"]: r for r in rows if r["policy"] == "none" and r["quant"] == "none"}
   front = set(pareto([(r["bytes_per_token"], r["bpb"]) for r in rows]))
   keys = [f"passkey@{n}" for n in passkey_lengths]
-  lines = ["# KV-cache compression sweep: trained-in (MLA, GQA, MQA) and inference-time", "",
+  lines = ["# KV-cache compression sweep: trained-in (MLA, GQA, MQA, YOCO, DMC) and inference-time",
+           "",
            f"Models: every trained workdir under `{result['runs_dir']}`. bpb: "
            f"{result['windows']} validation windows of the training seq_len, first half "
            "prefilled into the compressed cache, second half scored "
@@ -150,7 +158,17 @@ def write_report(result: dict, out: str, passkey_lengths=()) -> None:
     lines.append(f"| {r['run']} | {r['variant']} | {r['policy']} | {r['quant']} | {r['ratio']:g} "
                  f"| {r['budget'] or '-'} | {r['bytes_per_token']:.0f}{' *' if i in front else ''}"
                  f" | {r['bpb']:.4f} | {delta:+.4f} |"
-                 + "".join(f" {r[k]:.2f} |" for k in keys))
+                 + "".join(" - |" if k not in r else f" {r[k]:.2f} |" for k in keys))
+  designed = [r for r in rows if r.get("trained_in")]
+  if designed:
+    lines += ["", "Trained-in designs beyond MLA (YOCO, DMC: docs/trained_in.md) are one point "
+              "each, scored through their own cache on the same windows "
+              "(`evaluate.own_cache_bpb`; no passkey: `-`). Their bytes per token are over the "
+              "prefix: YOCO's global cache plus its constant window rings; DMC's slots in use "
+              "(its fixed-shape buffers allocate the source model's bytes, below)."]
+    lines += [f"- {r['run']}: {r['compression']:.2f}x compression, "
+              f"{r['bytes_per_token']:.0f} B/token used, {r['allocated_bytes_per_token']:.0f} "
+              "allocated" for r in designed if "compression" in r]
   lines += ["", f"{len(rows)} points in {result['seconds']:.0f} s.", ""]
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write("\n".join(lines))
@@ -168,9 +186,11 @@ def plot(rows: list[dict], path: str, key: str, ylabel: str, lower_is_better=Tru
   fig, ax = plt.subplots(figsize=(8, 5.5))
   colors = {}
   markers = {"none": "o", "int8": "s", "int4": "^"}
+  rows = [r for r in rows if key in r]  # trained-in designs have no passkey score
   for r in rows:
     if r["policy"] == "none" and r["quant"] == "none":
-      ax.scatter(r["bytes_per_token"], r[key], s=90, marker="*", color="black", zorder=3)
+      ax.scatter(r["bytes_per_token"], r[key], s=90, marker="P" if r.get("trained_in") else "*",
+                 color="purple" if r.get("trained_in") else "black", zorder=3)
       ax.annotate(f"{r['run']} ({r['variant']})", (r["bytes_per_token"], r[key]), fontsize=7,
                   xytext=(4, 4), textcoords="offset points")
   groups: dict = {}
@@ -187,6 +207,8 @@ def plot(rows: list[dict], path: str, key: str, ylabel: str, lower_is_better=Tru
   for q, m in markers.items():
     ax.plot([], [], ls="", marker=m, color="gray", label=f"quant {q}")
   ax.scatter([], [], marker="*", color="black", label="trained-in (uncompressed)")
+  if any(r.get("trained_in") for r in rows):
+    ax.scatter([], [], marker="P", color="purple", label="YOCO / DMC (own cache)")
   pts = [(r["bytes_per_token"], r[key] if lower_is_better else -r[key]) for r in rows]
   front = pareto(pts)
   ax.step([rows[i]["bytes_per_token"] for i in front], [rows[i][key] for i in front],
