@@ -234,8 +234,11 @@ def format_flag(value) -> str:
 
 
 def train_command(sweep, run, workdir: str) -> list[str]:
+  """train.py runs in the checkout (cwd REPO): the workdir goes absolute, so a --runs_dir relative
+  to the caller's directory means the same place when the two differ."""
   return ([sys.executable, os.path.join(REPO, "train.py"),
-           f"--config={os.path.join(REPO, sweep.experiment)}:{run['arg']}", f"--workdir={workdir}"]
+           f"--config={os.path.join(REPO, sweep.experiment)}:{run['arg']}",
+           f"--workdir={os.path.abspath(workdir)}"]
           + [f"--config.{k}={format_flag(v)}" for k, v in run["overrides"].items()])
 
 
