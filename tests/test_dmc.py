@@ -184,3 +184,53 @@ def test_config_errors_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=rf"^model\.{field}: ") as err:
     tiny(**{"attention": "mha", "dmc": True, **kwargs})
   assert "\n" not in str(err.value)
+
+
+def test_retrofit_script_end_to_end_logs_the_ramped_target_and_reports_compression(tmp_path):
+  """scripts/dmc_retrofit.py on a tiny trained MHA run: the copy it writes continues training
+  through train.init_from, metrics.jsonl logs dmc_slots and the target ramping from 1 to 2, and
+  --report measures the hard decisions' compression on validation windows."""
+  import json
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  from configs import lm
+  from mla_jax.storage.workdir import read_metrics
+  from mla_jax.training import trainer
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  base = {"model.d_model": 32, "model.n_layers": 1, "data.seq_len": 32,
+          "data.max_bytes": 520_000, "optim.warmup_steps": 2, "train.steps": 6,
+          "train.global_batch": 8, "train.log_every": 1, "train.eval_every": 6,
+          "train.ckpt_every": 6, "train.eval_tokens": 512, "train.peak_flops": 2e11}
+
+  def config(**kw):
+    c = lm.get_config("attn=mha,size=tiny")
+    for key, value in {**base, **kw}.items():
+      group, leaf = key.split(".")
+      c[group][leaf] = value
+    return c
+
+  def script(*args):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    out = subprocess.run([sys.executable, "scripts/dmc_retrofit.py", *args], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+  src, copy, run = (str(tmp_path / n) for n in ("src", "copy", "dmc"))
+  trainer.train(config(), src)
+  printed = script(f"--source={src}", f"--out={copy}", "--target=2", "--steps=8")
+  assert f"--config.train.init_from={copy}" in printed and "dmc_target=2.0" in printed
+  trainer.train(config(**{"train.init_from": copy, "train.steps": 8}), run)
+  logged = [m for m in read_metrics(run) if "dmc_target" in m]
+  targets = [m["dmc_target"] for m in logged]
+  assert [m["step"] for m in logged] == list(range(1, 9))
+  # ramp over int(0.8 * 8) = 6 steps: the target of step s (0-based) is 1 + min(s / 6, 1)
+  np.testing.assert_allclose(targets, [1 + min(s / 6, 1) for s in range(8)], rtol=1e-6)
+  assert all(0 < m["dmc_slots"] <= 1 for m in logged)
+  stats = json.loads(script(f"--report={run}", "--windows=2").splitlines()[0])
+  assert stats["tokens"] == 2 * 32 and stats["compression"] >= 1.0
+  assert stats["bytes_used"] == stats["slots_used"] * 2 * 8 * 4  # k and v, K = 8, float32

@@ -398,6 +398,9 @@ def train(config, workdir: str) -> dict[str, Any]:
         record.update(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
                       lr=float(schedule(step - 1)), tokens_per_s=tok_s,
                       mfu=tok_s * flops_per_token / (peak * jax.device_count()))
+        # The step's own extras (a DMC retrofit: dmc_loss, dmc_slots = 1 / compression, the
+        # ramped dmc_target) go to metrics.jsonl and TensorBoard as they are.
+        record.update({k: float(v) for k, v in metrics.items() if k not in ("loss", "grad_norm")})
         _check_finite(state, t.on_nonfinite, record, ckpt, logger)
         if health_fn is not None:
           health_start = time.perf_counter()
