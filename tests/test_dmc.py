@@ -231,6 +231,11 @@ def test_retrofit_script_end_to_end_logs_the_ramped_target_and_reports_compressi
   # ramp over int(0.8 * 8) = 6 steps: the target of step s (0-based) is 1 + min(s / 6, 1)
   np.testing.assert_allclose(targets, [1 + min(s / 6, 1) for s in range(8)], rtol=1e-6)
   assert all(0 < m["dmc_slots"] <= 1 for m in logged)
-  stats = json.loads(script(f"--report={run}", "--windows=2").splitlines()[0])
-  assert stats["tokens"] == 2 * 32 and stats["compression"] >= 1.0
+  stats = json.loads(script(f"--report={run}", "--windows=8").splitlines()[0])
+  assert stats["tokens"] == 8 * 32 and stats["compression"] >= 1.0
   assert stats["bytes_used"] == stats["slots_used"] * 2 * 8 * 4  # k and v, K = 8, float32
+  # eval.py reports the same measurement (its first 8 validation windows)
+  from mla_jax.evaluation.workdir_eval import evaluate_workdir, format_table
+  result = evaluate_workdir(run, max_tokens=1024, decode_lengths="")
+  assert result["dmc"] == pytest.approx(stats)
+  assert f"{stats['compression']:.2f}x compression" in format_table(result)

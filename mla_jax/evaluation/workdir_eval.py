@@ -11,6 +11,8 @@ Reports:
   params, attention              parameter counts and the attention variant's dims
   kv_bytes_per_token             analytic (config) and measured (a cache filled by model.extend)
   kv_cache_bytes_at_max          cache bytes at model.max_seq_len x train.global_batch
+  dmc                            a DMC model's compression on the first validation windows, with
+                                 the cache bytes used and allocated (dmc.compression_stats)
   decode                         ms per token and tokens/s at batch 1 for each context length
                                  (MLA: absorbed and naive decode paths, same parameters); with a
                                  mesh, on it, with the cache bytes each device holds
@@ -26,10 +28,12 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mla_jax.core import cache as cache_lib
 from mla_jax.core import decode_sharded
+from mla_jax.core import dmc as dmc_lib
 from mla_jax.core import sharding as shd
 from mla_jax.core.config import kv_cache_bytes_per_token
 from mla_jax.core.model import count_params
@@ -40,6 +44,7 @@ from mla_jax.experiment import resolve_source
 from mla_jax.storage.workdir import Workdir, WorkdirError
 
 CACHE_FILL_TOKENS = 64  # tokens written by model.extend to measure the cache
+DMC_WINDOWS = 8  # validation windows a DMC model's achieved compression is measured on
 
 
 class EvalError(ValueError):
@@ -183,6 +188,12 @@ def evaluate_workdir(workdir: str, data: str | None = None, max_tokens: int = 0,
   at_max = jax.eval_shape(lambda: cache_lib.init_cache(cfg, batch, cfg.max_seq_len))
   bytes_at_max = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(at_max.layers))
 
+  compression = None
+  if cfg.dmc:  # what the hard decisions achieve (the cache allocates the uncompressed bytes)
+    say("measuring DMC's compression")
+    n = min(DMC_WINDOWS, len(val) // seq_len)
+    compression = dmc_lib.measure(model, np.asarray(val[:n * seq_len]).reshape(n, seq_len))
+
   decode = {}
   contexts = decode_contexts(decode_lengths, cfg.max_seq_len)
   if contexts:
@@ -209,6 +220,7 @@ def evaluate_workdir(workdir: str, data: str | None = None, max_tokens: int = 0,
       "kv_cache_bytes_at_max": {"bytes": bytes_at_max, "max_seq_len": cfg.max_seq_len,
                                 "batch": batch},
       "decode": decode,
+      "dmc": compression,
       "device": str(jax.devices()[0].device_kind),
       "mesh": None if plan is None else {**dict(plan.mesh.shape), "sharded_impl": plan.impl},
       "loss_by_position": by_pos,
@@ -239,6 +251,11 @@ def format_table(r: dict) -> str:
                           f"(max_seq_len {r['kv_cache_bytes_at_max']['max_seq_len']} x batch "
                           f"{r['kv_cache_bytes_at_max']['batch']})"),
   ]
+  if r.get("dmc"):
+    c = r["dmc"]
+    rows.append(("dmc", f"{c['compression']:.2f}x compression over {c['tokens']:,} tokens: "
+                        f"{c['bytes_used'] / c['tokens']:,.0f} bytes/token used, "
+                        f"{c['bytes_allocated'] / c['tokens']:,.0f} allocated (fixed shapes)"))
   for impl, points in r["decode"].items():
     rows.append((f"decode {impl}", ", ".join(
         f"ctx {p['context']}: {p['ms_per_token']:.2f} ms/token ({p['tokens_per_s']:.0f} tok/s"
