@@ -133,3 +133,12 @@ def test_compress_sweep_on_a_tiny_trained_model(tmp_path):
   assert h2o["bytes_per_token"] == pytest.approx((256 + 2 * 16) * 8 / 32)
   assert all(np.isfinite(r["bpb"]) for r in result["rows"])
   assert all((tmp_path / "out" / f).exists() for f in ("report.md", "pareto_bpb.png"))
+  # Re-run with the same settings: the workdir's rows are read back from out/rows, not measured.
+  again = sweep.run_compress_sweep(str(runs), str(tmp_path / "out"), policies=("h2o",),
+                                   ratios=(0.75,), quants=("none", "int8"), windows=2,
+                                   progress=lambda text: None)
+  assert again["rows"] == result["rows"] and again["workdirs_measured"] == 0
+  other = sweep.run_compress_sweep(str(runs), str(tmp_path / "out"), policies=("h2o",),
+                                   ratios=(0.5,), quants=("none",), windows=2,
+                                   progress=lambda text: None)
+  assert other["workdirs_measured"] == 1 and {r["ratio"] for r in other["rows"]} == {0.0, 0.5}

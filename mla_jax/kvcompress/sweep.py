@@ -60,69 +60,112 @@ def run_compress_sweep(runs_dir: str, out: str, policies=("streaming", "h2o", "t
                        ratios=evaluate.RATIOS, quants=("none", "int8", "int4"),
                        compose: bool = False, windows: int = 8, passkey_lengths=(),
                        passkey_trials: int = 8, only=(), progress=print) -> dict:
-  from mla_jax.evaluation.workdir_eval import load_val, parse_data
-  from mla_jax.storage.workdir import Workdir
-
-  os.makedirs(out, exist_ok=True)
+  """Every workdir's points, then OUT/results.json, report.md and plots. Each workdir's rows are
+  also kept in OUT/rows/<run>.json as soon as they are measured: a re-run with the same settings
+  reuses those newer than the workdir's checkpoint, so an interrupted sweep continues and adding
+  a model measures only that model."""
+  os.makedirs(os.path.join(out, "rows"), exist_ok=True)
   rows, started = [], time.perf_counter()
   workdirs = [w for w in find_workdirs(runs_dir) if not only or os.path.basename(w) in only]
   if not workdirs:
     raise ValueError(f"--runs_dir: no trained workdir under {runs_dir}")
+  settings = {"policies": list(policies), "ratios": list(ratios), "quants": list(quants),
+              "compose": compose, "windows": windows, "passkey_lengths": list(passkey_lengths),
+              "passkey_trials": passkey_trials}
+  measured = 0
   for wd_path in workdirs:
-    # Each workdir compiles its own decode programs (~20 per policy grid); kept alive, a sweep's
-    # executables exhausted LLVM's code memory ("Cannot allocate memory", then a segfault).
-    jax.clear_caches()
-    wd = Workdir.open(wd_path)
     run = os.path.basename(wd_path)
-    model = wd.load_model("latest")
-    cfg, tok = model.cfg, wd.tokenizer()
-    seq_len = wd.config["data"]["seq_len"]
-    val, bpt, _ = load_val(wd, parse_data(None, wd.config))
-    if cfg.attention == "yoco" or cfg.dmc:  # compressed by design: one point, its own cache
-      p = evaluate.own_cache_bpb(model, val, bpt, seq_len, windows, seq_len // 2)
-      rows.append({"run": run, "variant": "dmc" if cfg.dmc else cfg.attention, "policy": "none",
-                   "quant": "none", "ratio": 0.0, "budget": 0, "trained_in": True,
-                   **{k: v for k, v in p.items() if k not in ("prefix", "scored", "windows")}})
-      progress(f"{run}: its own (trained-in) cache: bpb {p['bpb']:.4f}, "
-               f"{p['bytes_per_token']:.0f} B/token over the {p['prefix']}-token prefix")
+    path = os.path.join(out, "rows", f"{run}.json")
+    saved = _saved_rows(path, settings, wd_path)
+    if saved is not None:
+      progress(f"{run}: {len(saved)} points reused from {path}")
+      rows += saved
       continue
-    lengths = tuple(min(n, cfg.max_seq_len) for n in passkey_lengths)
-    say = lambda text: progress(f"[{time.perf_counter() - started:6.0f}s] {run}: {text}")
-
-    def point(policy: Policy, ratio: float) -> dict:
-      p = evaluate.prefix_bpb(model, val, bpt, policy, seq_len, windows, seq_len // 2)
-      row = {"run": run, "variant": cfg.attention, "policy": policy.name, "quant": policy.quant,
-             "ratio": ratio, "budget": policy.budget, "bpb": p["bpb"]}
-      if policy.name == "none" and policy.quant == "none":  # the trained-in cache, as stored
-        row["bytes_per_token"] = float(kv_cache_bytes_per_token(cfg))
-      else:
-        row["bytes_per_token"] = evaluate.effective_bytes_per_token(
-            cfg, policy, seq_len - seq_len // 2)["total"]
-      for length in lengths:
-        budget = policy.budget and max(policy.sinks + policy.recent, round((1 - ratio) * length))
-        pk = validate(dataclasses.replace(policy, budget=budget), length)
-        row[f"passkey@{length}"] = evaluate.passkey(model, tok, pk, length, passkey_trials)[
-            "accuracy"]
-      say(f"{policy.name} {policy.quant} evict {ratio:g}: bpb {row['bpb']:.4f}, "
-          f"{row['bytes_per_token']:.0f} B/token")
-      return row
-
-    rows.append(point(validate(Policy(), seq_len), 0.0))
-    for name, ratio, quant in configs(policies, ratios, quants, compose):
-      # The fraction evicted is of the compressed context: the prefix (the first half).
-      kept = max(1, round((1 - ratio) * (seq_len - seq_len // 2))) if ratio else 0
-      policy = evaluate.policy_from_flags(name, str(kept), quant, context=seq_len)
-      if name == "fastgen":
-        policy = dataclasses.replace(policy, punct_ids=evaluate.punct_ids(tok))
-      rows.append(point(policy, ratio))
+    say = lambda text, run=run: progress(f"[{time.perf_counter() - started:6.0f}s] {run}: {text}")
+    new = _workdir_rows(wd_path, policies, ratios, quants, compose, windows, passkey_lengths,
+                        passkey_trials, say)
+    with open(path, "w") as f:
+      json.dump({"settings": settings, "rows": new}, f, indent=1)
+    rows += new
+    measured += 1
   # Relative: committed results hold no absolute paths.
   result = {"runs_dir": os.path.relpath(runs_dir) if os.path.isabs(runs_dir) else runs_dir,
             "rows": rows, "ratios": list(ratios), "windows": windows,
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "workdirs_measured": measured,
+            "workdirs": len(workdirs)}
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(result, f, indent=1)
   write_report(result, out, passkey_lengths)
   return result
+
+
+def _saved_rows(path: str, settings: dict, wd_path: str) -> list[dict] | None:
+  """The rows a previous run wrote for this workdir, if measured with these settings after the
+  workdir's latest checkpoint; else None."""
+  from mla_jax.storage.workdir import Workdir
+
+  if not os.path.isfile(path):
+    return None
+  wd = Workdir.open(wd_path)
+  ckpt = os.path.join(wd.checkpoint_dir, str(wd.resolve_step("latest")))
+  if os.path.getmtime(path) <= os.path.getmtime(ckpt):
+    return None
+  with open(path) as f:
+    saved = json.load(f)
+  return saved["rows"] if saved.get("settings") == settings else None
+
+
+def _workdir_rows(wd_path, policies, ratios, quants, compose, windows, passkey_lengths,
+                  passkey_trials, say) -> list[dict]:
+  """One trained workdir's points: its own cache, then every policy x ratio x quantisation."""
+  from mla_jax.evaluation.workdir_eval import load_val, parse_data
+  from mla_jax.storage.workdir import Workdir
+
+  # Each workdir compiles its own decode programs (~20 per policy grid); kept alive, a sweep's
+  # executables exhausted LLVM's code memory ("Cannot allocate memory", then a segfault).
+  jax.clear_caches()
+  wd = Workdir.open(wd_path)
+  run = os.path.basename(wd_path)
+  model = wd.load_model("latest")
+  cfg, tok = model.cfg, wd.tokenizer()
+  seq_len = wd.config["data"]["seq_len"]
+  val, bpt, _ = load_val(wd, parse_data(None, wd.config))
+  if cfg.attention == "yoco" or cfg.dmc:  # compressed by design: one point, its own cache
+    p = evaluate.own_cache_bpb(model, val, bpt, seq_len, windows, seq_len // 2)
+    say(f"its own (trained-in) cache: bpb {p['bpb']:.4f}, {p['bytes_per_token']:.0f} B/token "
+        f"over the {p['prefix']}-token prefix")
+    return [{"run": run, "variant": "dmc" if cfg.dmc else cfg.attention, "policy": "none",
+             "quant": "none", "ratio": 0.0, "budget": 0, "trained_in": True,
+             **{k: v for k, v in p.items() if k not in ("prefix", "scored", "windows")}}]
+  lengths = tuple(min(n, cfg.max_seq_len) for n in passkey_lengths)
+
+  def point(policy: Policy, ratio: float) -> dict:
+    p = evaluate.prefix_bpb(model, val, bpt, policy, seq_len, windows, seq_len // 2)
+    row = {"run": run, "variant": cfg.attention, "policy": policy.name, "quant": policy.quant,
+           "ratio": ratio, "budget": policy.budget, "bpb": p["bpb"]}
+    if policy.name == "none" and policy.quant == "none":  # the trained-in cache, as stored
+      row["bytes_per_token"] = float(kv_cache_bytes_per_token(cfg))
+    else:
+      row["bytes_per_token"] = evaluate.effective_bytes_per_token(
+          cfg, policy, seq_len - seq_len // 2)["total"]
+    for length in lengths:
+      budget = policy.budget and max(policy.sinks + policy.recent, round((1 - ratio) * length))
+      pk = validate(dataclasses.replace(policy, budget=budget), length)
+      row[f"passkey@{length}"] = evaluate.passkey(model, tok, pk, length, passkey_trials)[
+          "accuracy"]
+    say(f"{policy.name} {policy.quant} evict {ratio:g}: bpb {row['bpb']:.4f}, "
+        f"{row['bytes_per_token']:.0f} B/token")
+    return row
+
+  rows = [point(validate(Policy(), seq_len), 0.0)]
+  for name, ratio, quant in configs(policies, ratios, quants, compose):
+    # The fraction evicted is of the compressed context: the prefix (the first half).
+    kept = max(1, round((1 - ratio) * (seq_len - seq_len // 2))) if ratio else 0
+    policy = evaluate.policy_from_flags(name, str(kept), quant, context=seq_len)
+    if name == "fastgen":
+      policy = dataclasses.replace(policy, punct_ids=evaluate.punct_ids(tok))
+    rows.append(point(policy, ratio))
+  return rows
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -169,7 +212,10 @@ def write_report(result: dict, out: str, passkey_lengths=()) -> None:
     lines += [f"- {r['run']}: {r['compression']:.2f}x compression, "
               f"{r['bytes_per_token']:.0f} B/token used, {r['allocated_bytes_per_token']:.0f} "
               "allocated" for r in designed if "compression" in r]
-  lines += ["", f"{len(rows)} points in {result['seconds']:.0f} s.", ""]
+  lines += ["", f"{len(rows)} points; this command took {result['seconds']:.0f} s"
+            + (f" and measured {result['workdirs_measured']} of the {result['workdirs']} models "
+               "(the others' rows were reused from rows/)" if "workdirs" in result else "")
+            + ".", ""]
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write("\n".join(lines))
   plot(rows, os.path.join(out, "pareto_bpb.png"), "bpb", "validation bits per byte")
