@@ -1,5 +1,7 @@
 """Compression evaluation (mla_jax/kvcompress/evaluate.py, sweep.py) and eval.py's cache flags."""
 
+import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -138,7 +140,10 @@ def test_compress_sweep_on_a_tiny_trained_model(tmp_path):
                                    ratios=(0.75,), quants=("none", "int8"), windows=2,
                                    progress=lambda text: None)
   assert again["rows"] == result["rows"] and again["workdirs_measured"] == 0
-  other = sweep.run_compress_sweep(str(runs), str(tmp_path / "out"), policies=("h2o",),
-                                   ratios=(0.5,), quants=("none",), windows=2,
-                                   progress=lambda text: None)
-  assert other["workdirs_measured"] == 1 and {r["ratio"] for r in other["rows"]} == {0.0, 0.5}
+  # ... but not under other settings, nor once the workdir has a newer checkpoint.
+  rows_file = str(tmp_path / "out" / "rows" / "mqa.json")
+  settings = json.loads(open(rows_file).read())["settings"]
+  assert sweep._saved_rows(rows_file, settings, str(runs / "mqa")) == result["rows"]
+  assert sweep._saved_rows(rows_file, {**settings, "windows": 3}, str(runs / "mqa")) is None
+  os.utime(rows_file, (0, 0))
+  assert sweep._saved_rows(rows_file, settings, str(runs / "mqa")) is None
