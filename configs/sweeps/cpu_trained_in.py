@@ -1,7 +1,8 @@
 r"""The cpu sweep plus the trained-in cache designs beyond MLA (docs/trained_in.md): YOCO with a
 key/value global cache and with an MLA latent global cache, under the same protocol (learning-rate
 grid, three seeds, parameters and tokens matched to MHA). Its runs directory is the cpu sweep's,
-so the six cpu variants are reused finished and only YOCO trains (~30 min with two jobs):
+so the six cpu variants are reused finished and only YOCO trains (53.6 min with two jobs while
+DMC retrofits and the test suite shared the 2 cores; less on an idle machine):
 
   python3 scripts/compare.py --sweep=cpu_trained_in --out=docs/results/cpu_trained_in \
       --runs_dir=runs/sweep_cpu
