@@ -313,7 +313,7 @@ def say(text: str) -> None:
 
 
 def _train_or_reuse(sweep, run, workdir: str, steps: int, label: str, timings: dict) -> None:
-  check_existing(workdir, steps)
+  """train_in_order has run check_existing on every workdir before any training."""
   if is_finished(workdir, steps):
     say(f"{run['name']}: finished run reused ({workdir})")
     return

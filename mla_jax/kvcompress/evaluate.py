@@ -80,6 +80,14 @@ def streaming_bpb(model, val, bytes_per_token: float, policy: Policy, tokens: in
   return out
 
 
+def scored_bpb(logits, batch, prefix: int, bytes_per_token: float) -> float:
+  """Bits per byte of logits [B, N, V] predicting batch[:, prefix + 1:] (windows of N + prefix
+  + 1 tokens): the scored part of prefix_bpb / own_cache_bpb."""
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nats = -jnp.take_along_axis(logp, batch[:, prefix + 1:, None], axis=-1)[..., 0]
+  return bits_per_byte(float(nats.mean()), bytes_per_token)
+
+
 def prefix_bpb(model, val, bytes_per_token: float, policy: Policy, seq_len: int, windows: int,
                scored: int) -> dict:
   """Windows of seq_len + 1: the first seq_len - scored tokens prefilled into the budget cache,
@@ -89,9 +97,7 @@ def prefix_bpb(model, val, bytes_per_token: float, policy: Policy, seq_len: int,
   cache = budget_lib.init_cache(model.cfg, policy, windows, seq_len)
   _, cache = decode.prefill(model, cache, batch[:, :prefix], policy)
   logits, _ = decode.prefill(model, cache, batch[:, prefix:seq_len], policy, chunk=scored)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nats = -jnp.take_along_axis(logp, batch[:, prefix + 1:, None], axis=-1)[..., 0]
-  return {"bpb": bits_per_byte(float(nats.mean()), bytes_per_token), "prefix": prefix,
+  return {"bpb": scored_bpb(logits, batch, prefix, bytes_per_token), "prefix": prefix,
           "scored": scored, "windows": windows}
 
 
@@ -119,9 +125,7 @@ def own_cache_bpb(model, val, bytes_per_token: float, seq_len: int, windows: int
     return logits, cache
 
   logits, cache = run(state, batch)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nats = -jnp.take_along_axis(logp, batch[:, prefix + 1:, None], axis=-1)[..., 0]
-  out = {"bpb": bits_per_byte(float(nats.mean()), bytes_per_token), "prefix": prefix,
+  out = {"bpb": scored_bpb(logits, batch, prefix, bytes_per_token), "prefix": prefix,
          "scored": scored, "windows": windows}
   if cfg.dmc:
     stats = dmc_lib.compression_stats(cache, cfg)
