@@ -116,17 +116,28 @@ class GQAttention(nnx.Module):
     self.wv = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), std, dt)
     self.wo = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), std / (2 * cfg.n_layers) ** .5,
                     dt)
+    if cfg.qk_norm:  # one learned scale [K] each, shared by the heads
+      self.q_norm = RMSNorm(k, cfg.norm_eps, dt, rngs)
+      self.k_norm = RMSNorm(k, cfg.norm_eps, dt, rngs)
 
-  def __call__(self, x, positions, cache: cache_lib.KVCache | None = None, lengths=None):
-    """x [B, T, D], positions [B, T] -> (out [B, T, D], cache); cache as in MLAttention."""
+  def _project(self, x, positions):
+    """x [B, T, D], positions [B, T] -> q [B, T, H, K], k [B, T, G, K] (both rotated; with
+    qk_norm RMS-normalised per head first), v [B, T, G, K]."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     c = lambda p: p[...].astype(dt)
     q = dense(x, c(self.wq))  # [B, T, H, K]
     k = dense(x, c(self.wk))  # [B, T, G, K]
     v = dense(x, c(self.wv))
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = rope_angles(positions, cfg.qk_head_dim, cfg.rope_theta)
-    q = apply_rope(q, cos, sin, cfg.rope_layout)
-    k = apply_rope(k, cos, sin, cfg.rope_layout)
+    return apply_rope(q, cos, sin, cfg.rope_layout), apply_rope(k, cos, sin, cfg.rope_layout), v
+
+  def __call__(self, x, positions, cache: cache_lib.KVCache | None = None, lengths=None):
+    """x [B, T, D], positions [B, T] -> (out [B, T, D], cache); cache as in MLAttention."""
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    c = lambda p: p[...].astype(dt)
+    q, k, v = self._project(x, positions)
     probes.record("q_rms", probes.rms(q))
     probes.record("k_rms", probes.rms(k))
     b, t, h, kd = q.shape
@@ -316,12 +327,13 @@ class MLAttention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
     d, h, std, dt = cfg.d_model, cfg.n_heads, cfg.init_std, cfg.params_dtype
     n, r, e, c, q = cfg.nope_dim, cfg.qk_rope_head_dim, cfg.v_dim, cfg.kv_lora_rank, cfg.q_lora_rank
-    up_std = cfg.mla_up_init_std or std
+    up_std = lambda fan_in: (std * (d / fan_in) ** .5 if cfg.mla_up_init_fan_in
+                             else cfg.mla_up_init_std or std)
     self.cfg = cfg
     if q:
       self.wq_a = param(rngs, (d, q), ("embed", "q_latent"), std, dt)
       self.q_norm = RMSNorm(q, cfg.norm_eps, dt, rngs)
-      self.wq_b = param(rngs, (q, h, n + r), ("q_latent", "heads", "head_dim"), up_std, dt)
+      self.wq_b = param(rngs, (q, h, n + r), ("q_latent", "heads", "head_dim"), up_std(q), dt)
     else:
       self.wq = param(rngs, (d, h, n + r), ("embed", "heads", "head_dim"), std, dt)
     # Latent columns first, then the shared rope key (DeepSeek's kv_a_proj_with_mqa layout).
@@ -329,27 +341,58 @@ class MLAttention(nnx.Module):
     self.rope_pairs = cfg.mla_layer_rope_pairs(layer)  # static ints (or None), not a parameter
     self.kv_norm = RMSNorm(c, cfg.norm_eps, dt, rngs)
     # Per head: W_UK (first N outputs) then W_UV (last E outputs).
-    self.wkv_b = param(rngs, (c, h, n + e), ("kv_latent", "heads", "head_dim"), up_std, dt)
+    self.wkv_b = param(rngs, (c, h, n + e), ("kv_latent", "heads", "head_dim"), up_std(c), dt)
     self.wo = param(rngs, (h, e, d), ("heads", "head_dim", "embed"), std / (2 * cfg.n_layers) ** .5,
                     dt)
+    if cfg.qk_norm:  # learned scales: the absorbed query's [C], the rope query's and key's [R]
+      self.q_absorbed_norm = RMSNorm(c, cfg.norm_eps, dt, rngs)
+      self.q_rope_norm = RMSNorm(r, cfg.norm_eps, dt, rngs)
+      self.k_rope_norm = RMSNorm(r, cfg.norm_eps, dt, rngs)
+
+  def _qk_norm_nope(self, q_nope, wkv_b):
+    """QK-norm of the content scores in a form both paths keep: with q~ = W_UK^T q_N [B, T, H, C]
+    (per head) and its learned scale g [C], the score RMSNorm(q~) . c = (g * q~ / rms(q~)) . c is
+    (q_N / rms(q~)) . (W_UK diag(g) c). So the query is divided by rms(q~) and W_UK's latent rows
+    are scaled by g: mla_naive rebuilds keys with the scaled W_UK, mla_absorbed folds it into the
+    query as before, and the cache (the latents) is unchanged. -> (q_nope, wkv_b)."""
+    n = self.cfg.nope_dim
+    w_uk = wkv_b[..., :n]  # [C, H, N]
+    q_c = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk, preferred_element_type=jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(q_c * q_c, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    g = self.q_absorbed_norm.scale[...].astype(wkv_b.dtype)
+    return (q_nope * inv.astype(q_nope.dtype),
+            jnp.concatenate([w_uk * g[:, None, None], wkv_b[..., n:]], axis=-1))
 
   def _project(self, x, positions):
     """x [B, T, D], positions [B, T] -> q_nope [B, T, H, N], q_rope [B, T, H, R] (rotated),
     latent [B, T, C] (normalised unless mla_latent_norm is off), k_rope [B, T, R] (rotated; one
-    rope key for all heads) or, with mla_rope_kv_heads = G_R > 1, [B, T, G_R, R]."""
+    rope key for all heads) or, with mla_rope_kv_heads = G_R > 1, [B, T, G_R, R], and the
+    up-projection wkv_b [C, H, N + E] the attention paths use (in the compute dtype; with qk_norm
+    its W_UK carries the absorbed query's norm scale: _qk_norm_nope)."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     w = lambda p: p[...].astype(dt)
+    n, c, r, g = cfg.nope_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.mla_rope_kv_heads
+    # MLRA's latent scale: a normalised latent of rank Q or C enters its up-projection at the
+    # scale of a D-wide one.
+    scale = (lambda a, rank: a * (cfg.d_model / rank) ** .5) if cfg.mla_latent_scale else (
+        lambda a, rank: a)
     if cfg.q_lora_rank:  # low-rank query: q = RMSNorm(x W_DQ) W_UQ
-      q = dense(self.q_norm(dense(x, w(self.wq_a))), w(self.wq_b))  # [B, T, H, N + R]
+      q_latent = scale(self.q_norm(dense(x, w(self.wq_a))), cfg.q_lora_rank)
+      q = dense(q_latent, w(self.wq_b))  # [B, T, H, N + R]
     else:
       q = dense(x, w(self.wq))
     kv = dense(x, w(self.wkv_a))  # [B, T, C + R] (or C + G_R * R)
-    n, c, r, g = cfg.nope_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.mla_rope_kv_heads
     latent = self.kv_norm(kv[..., :c]) if cfg.mla_latent_norm else kv[..., :c]
+    latent = scale(latent, c)
+    q_nope, q_rope, k_rope, wkv_b = q[..., :n], q[..., n:], kv[..., c:], w(self.wkv_b)
+    if cfg.qk_norm:
+      q_nope, wkv_b = self._qk_norm_nope(q_nope, wkv_b)
+      q_rope = self.q_rope_norm(q_rope)
+      k_rope = self.k_rope_norm(k_rope.reshape(k_rope.shape[:-1] + (g, r))).reshape(k_rope.shape)
     if g == 1 and self.rope_pairs is None:  # DeepSeek's MLA
       cos, sin = rope_angles(positions, r, cfg.rope_theta)
       rope = lambda a: apply_rope(a, cos, sin, cfg.rope_layout)
-      return q[..., :n], rope(q[..., n:]), latent, rope(kv[..., c:])
+      return q_nope, rope(q_rope), latent, rope(k_rope), wkv_b
     # Per-group frequencies [G_R, R/2], computed as rope_angles does (bit-identical for the same
     # pairs); query head h turns at its group's, h // (H / G_R).
     if self.rope_pairs is None:
@@ -359,10 +402,10 @@ class MLAttention(nnx.Module):
     inv_freq = cfg.rope_theta ** (-(2 * pairs) / base)
     angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, G_R, R/2]
     per_head = jnp.repeat(angles, cfg.n_heads // g, axis=2)  # [B, T, H, R/2]
-    q_rope = apply_rope(q[..., n:], jnp.cos(per_head), jnp.sin(per_head), cfg.rope_layout)
-    k_rope = kv[..., c:].reshape(kv.shape[:-1] + (g, r))  # [B, T, G_R, R]
+    q_rope = apply_rope(q_rope, jnp.cos(per_head), jnp.sin(per_head), cfg.rope_layout)
+    k_rope = k_rope.reshape(kv.shape[:-1] + (g, r))  # [B, T, G_R, R]
     k_rope = apply_rope(k_rope, jnp.cos(angles), jnp.sin(angles), cfg.rope_layout)
-    return q[..., :n], q_rope, latent, k_rope if g > 1 else k_rope[..., 0, :]
+    return q_nope, q_rope, latent, k_rope if g > 1 else k_rope[..., 0, :], wkv_b
 
   def __call__(self, x, positions, cache: cache_lib.LatentCache | None = None, lengths=None,
                impl: str | None = None):
@@ -375,7 +418,7 @@ class MLAttention(nnx.Module):
     same output ('auto': resolve_mla_impl).
     """
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    q_nope, q_rope, latent, k_rope = self._project(x, positions)
+    q_nope, q_rope, latent, k_rope, wkv_b = self._project(x, positions)
     if probes.active():  # training health: the latent after kv_norm, queries, the rope key
       probes.record("latent_rms", probes.rms(latent))
       probes.record("q_rms", probes.rms(jnp.concatenate([q_nope, q_rope], axis=-1)))
@@ -387,7 +430,7 @@ class MLAttention(nnx.Module):
     if impl == "pallas" and cfg.mla_rope_kv_heads > 1:  # the kernel reads one shared rope key
       impl = "absorbed"
     attention = MLA_PATHS[impl]
-    wkv_b, wo = self.wkv_b[...].astype(dt), self.wo[...].astype(dt)
+    wo = self.wo[...].astype(dt)
     if cache is None:
       kw = {}
       if attention is not mla_pallas:

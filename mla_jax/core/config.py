@@ -56,6 +56,14 @@ class ModelConfig:
   # Init std of the up-projections wq_b and wkv_b, whose inputs are RMS-normalised latents;
   # 0 -> init_std. An experiment knob for MLA's training stability (see training/health.py).
   mla_up_init_std: float = 0.0
+  # Small-width MLA ablation knobs (configs/sweeps/mla_ablation.py); the defaults are DeepSeek's.
+  # mla_latent_scale: the RMS-normed query and kv latents are multiplied by sqrt(D / rank), as MLRA
+  # does (arXiv 2603.02188), so a narrow latent enters its up-projection at a D-wide scale.
+  mla_latent_scale: bool = False
+  # mla_up_init_fan_in: wq_b / wkv_b start at std init_std * sqrt(D / fan_in) (fan_in = Q or C):
+  # up-projected queries, keys and values start at a D-wide projection's variance whatever the
+  # rank, where a fixed std makes them grow with it (~5.5x larger at C=88 than at C=16).
+  mla_up_init_fan_in: bool = False
   mla_prefill_impl: str = "naive"  # path for multi-token queries (training, prefill)
   mla_decode_impl: str = "absorbed"  # path for one-token decode steps (MLA_DECODE_IMPLS)
   # Training / prefill without a cache runs causal attention in query blocks of this many tokens,
@@ -91,6 +99,12 @@ class ModelConfig:
   param_dtype: str = "float32"
   cache_dtype: str = ""  # "" -> same as dtype
   remat: bool = False  # rematerialise each block in the backward pass
+  # QK-norm: queries and keys RMS-normalised (learned scales) before the scores, so attention
+  # logits cannot grow with the projections' norms. GQA family: per head over K, before RoPE.
+  # MLA, in a form the absorbed path keeps (attention.MLAttention._project): the absorbed query
+  # W_UK^T q_N per head over C (its keys, the latents, are normalised already by kv_norm), and
+  # the rope query and key over R.
+  qk_norm: bool = False
 
   def __post_init__(self):
     # config.json and ConfigDicts hold lists; a tuple keeps the config hashable (jit static).
@@ -195,6 +209,14 @@ def _validate(c: ModelConfig) -> None:
     _fail("attn_impl", f"{c.attn_impl!r} is not one of auto, blocked, xla, cudnn")
   if c.mla_up_init_std < 0:
     _fail("mla_up_init_std", f"must be >= 0 (0: init_std), got {c.mla_up_init_std}")
+  if c.mla_up_init_std and c.mla_up_init_fan_in:
+    _fail("mla_up_init_fan_in", "and mla_up_init_std both set the up-projections' init; pick one")
+  if c.attention == "yoco" or c.dmc:
+    knob = next((k for k in ("qk_norm", "mla_latent_scale", "mla_up_init_fan_in")
+                 if getattr(c, k)), None)
+    if knob:
+      _fail(knob, f"is not implemented for {'yoco' if c.attention == 'yoco' else 'dmc'} "
+            "(it has attention code of its own)")
   if c.norm_eps <= 0 or c.rope_theta <= 0 or c.init_std <= 0:
     _fail("norm_eps" if c.norm_eps <= 0 else "rope_theta" if c.rope_theta <= 0 else "init_std",
           "must be positive")

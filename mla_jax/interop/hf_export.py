@@ -56,8 +56,12 @@ def _fail(field: str, msg: str):
 
 def _check_exportable(cfg: ModelConfig) -> None:
   fail = _fail
+  if getattr(cfg, "qk_norm", False):
+    fail("qk_norm", "true: neither Llama's nor DeepSeek-V3's layout has query/key norms")
   if cfg.attention != "mla":
     return
+  if getattr(cfg, "mla_latent_scale", False):
+    fail("mla_latent_scale", "true: DeepSeek-V3's latents are not scaled after their norms")
   if getattr(cfg, "mla_rope_kv_heads", 1) > 1:
     fail("mla_rope_kv_heads", f"{cfg.mla_rope_kv_heads}: DeepSeek-V3 has one shared rope key")
   if getattr(cfg, "mla_rope_pairs", ()):

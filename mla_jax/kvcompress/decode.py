@@ -40,9 +40,7 @@ def _gqa(attn, x, qpos, layer, cache, policy, specs, flags):
   """MHA / GQA / MQA over the budget cache: x [B, T, D] -> (out [B, T, D], layer)."""
   cfg, dt = attn.cfg, attn.cfg.compute_dtype
   c = lambda p: p[...].astype(dt)
-  q, k, v = dense(x, c(attn.wq)), dense(x, c(attn.wk)), dense(x, c(attn.wv))  # [B, T, H|G, K]
-  cos, sin = rope_angles(qpos, cfg.qk_head_dim, cfg.rope_theta)
-  q, k = apply_rope(q, cos, sin, cfg.rope_layout), apply_rope(k, cos, sin, cfg.rope_layout)
+  q, k, v = attn._project(x, qpos)  # [B, T, H|G, K]
   k, v = k.astype(cfg.kv_cache_dtype).astype(dt), v.astype(cfg.kv_cache_dtype).astype(dt)
   read = lambda spec: budget_lib.read(layer, spec, policy, cache.n_seen, cache.n_valid, dt)
   k_old, v_old = read(specs[0]), read(specs[1])  # [B, G, S, K]
@@ -73,7 +71,7 @@ def _gqa(attn, x, qpos, layer, cache, policy, specs, flags):
 def _mla(attn, x, qpos, layer, cache, policy, specs, flags):
   """MLA over the budget cache, absorbed path (scores per latent slot, averaged over heads)."""
   cfg, dt = attn.cfg, attn.cfg.compute_dtype
-  q_nope, q_rope, latent, k_rope = attn._project(x, qpos)
+  q_nope, q_rope, latent, k_rope, wkv_b = attn._project(x, qpos)
   latent = latent.astype(cfg.kv_cache_dtype).astype(dt)
   k_rope = k_rope.astype(cfg.kv_cache_dtype).astype(dt)
   read = lambda spec: budget_lib.read(layer, spec, policy, cache.n_seen, cache.n_valid, dt)
@@ -82,7 +80,7 @@ def _mla(attn, x, qpos, layer, cache, policy, specs, flags):
     kr_old = _rerotate(kr_old, layer, cfg)
   c_old, kr_old = c_old[:, 0], kr_old[:, 0]
   n = cfg.nope_dim
-  wkv_b, wo = attn.wkv_b[...].astype(dt), attn.wo[...].astype(dt)
+  wo = attn.wo[...].astype(dt)
   w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
   scale = (n + cfg.qk_rope_head_dim) ** -0.5
   q_c = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
