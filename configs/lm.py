@@ -82,7 +82,7 @@ def get_config(arg: str = "") -> ConfigDict:
       kv_lora_rank=s.d_model // 2, qk_rope_head_dim=head_dim // 2,
       dtype="bfloat16" if s.accelerator else "float32", remat=s.accelerator)
   c.data.update(seq_len=s.seq_len)
-  c.optim.update(lr=s.lr)  # warmup: the default rule (5% of steps, >= 10, <= half the run)
+  c.optim.update(lr=s.lr)  # warmup: the default rule (10% of steps, 40..2000, <= half the run)
   c.train.update(
       steps=s.steps, global_batch=s.global_batch,
       log_every=10 if a["size"] == "tiny" else 50, eval_every=max(s.steps // 10, 10),

@@ -56,7 +56,8 @@ def finished(tmp_path_factory, text):
 def test_warmup_default_follows_steps():
   o = OptimConfig()
   assert o.warmup_steps == -1
-  assert [o.warmup(s) for s in (1, 2, 24, 50, 480, 20000)] == [0, 1, 10, 10, 24, 1000]
+  assert [o.warmup(s) for s in (1, 2, 24, 50, 200, 480, 20000, 100000)] == [
+      0, 1, 12, 25, 40, 48, 2000, 2000]
   assert OptimConfig(warmup_steps=5).warmup(100) == 5
   with pytest.raises(ValueError, match="optim.warmup_steps: 100 must be smaller"):
     OptimConfig(warmup_steps=100).warmup(100)
@@ -86,7 +87,7 @@ def test_each_group_checks_its_fields(key, value, field):
 def test_lm_config_starts_from_the_dataclass_defaults():
   exp = ExperimentConfig.from_config(load_config(f"{REPO}/configs/lm.py"))
   assert exp.to_dict()["train"].keys() == TrainConfig().to_dict().keys()
-  assert exp.train.steps == 480 and exp.optim.warmup(exp.train.steps) == 24
+  assert exp.train.steps == 480 and exp.optim.warmup(exp.train.steps) == 48
   assert exp.model_config(300).vocab_size == 300  # vocab 0 means the tokenizer's
   assert exp.model_config().vocab_size == 256  # before a tokenizer exists: a probe value
 

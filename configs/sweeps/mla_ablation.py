@@ -9,8 +9,7 @@ N=E=24, d_ff=272, its tuned lr 8e-3, 576 steps, warmup 20%, whole-split scoring)
 reproduce that sweep's runs bit for bit. Every other run changes one factor and keeps the cache
 at C + R = 48 elements per token-layer (25% of MHA's), parameters matched to MHA's 467,808 within
 3% through d_ff, unless the factor is how parameters are matched. All runs at the base's lr, as an
-ablation is read; the learning rate is checked at the full budget afterwards for the finalists
-(configs/sweeps/mla_ablation_lr.py).
+ablation is read; the learning rate is still to be checked at the full budget for the finalists.
 
 Factors (name: what changes):
   rope16 / rope24      R = 16 / 24 shared, C = 32 / 24 (the same C + R)
