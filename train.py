@@ -19,23 +19,43 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from mla_jax.cli import check_args
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/lm.py", "Experiment config file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics (required).")
-flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.DEFINE_integer("distributed_timeout", 300,
-                     "Seconds to wait for the coordinator and every process (multi-host).")
-flags.DEFINE_string("platform", None, "Force a JAX platform (cpu, gpu, tpu).")
+CHECKOUT = os.path.dirname(os.path.abspath(__file__))
+
+
+def define_flags():
+  from mla_jax.cli import define_config_flag
+
+  # Absolute: the default resolves wherever the user stands; a relative --config=configs/... is
+  # also found in this checkout.
+  define_config_flag(os.path.join(CHECKOUT, "configs", "lm.py"), root=CHECKOUT)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics (required).")
+  flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator (multi-host).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+  flags.DEFINE_integer("distributed_timeout", 300,
+                       "Seconds to wait for the coordinator and every process (multi-host).")
+  flags.DEFINE_string("platform", None, "Force a JAX platform (cpu, gpu, tpu).")
+  flags.DEFINE_bool("check_config", False, "Only check the flags and the config (no data, "
+                    "devices or workdir are touched), print nothing and exit 0, or 1 with the "
+                    "error; scripts/launch_tpu.py runs this locally before launching.")
 
 
 def main(argv):
+  if FLAGS.check_config:
+    if len(argv) > 1:
+      check_args(argv, "-", "")
+    from mla_jax.experiment import ExperimentConfig
+
+    try:
+      ExperimentConfig.from_config(FLAGS.config)
+    except (ValueError, TypeError) as e:
+      print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+      sys.exit(1)
+    return
   check_args(argv, FLAGS.workdir, "a directory for this run's checkpoints and logs")
   import jax
 
@@ -76,4 +96,5 @@ if __name__ == "__main__":
   from mla_jax.cli import parse_flags_or_exit
 
   host_memory.configure_entry_point()  # malloc settings for fast XLA:CPU steps; see its docstring
+  define_flags()
   app.run(main, flags_parser=parse_flags_or_exit)

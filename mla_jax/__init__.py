@@ -9,10 +9,10 @@
     wd = Workdir.open("runs/mla")                 # its config, steps, tokenizer; wd.load_model()
 """
 
-from mla_jax.core.cache import Cache, init_cache
+from mla_jax.core.cache import Cache
 from mla_jax.core.config import ModelConfig, kv_cache_bytes_per_token
 from mla_jax.core.generate import generate
-from mla_jax.core.model import Transformer, count_params
+from mla_jax.core.model import Transformer, count_params, init_cache
 from mla_jax.storage.workdir import Workdir, load_model
 
 __all__ = ["Cache", "ModelConfig", "Transformer", "Workdir", "count_params", "generate",

@@ -1,28 +1,86 @@
 """What the entry points (train.py, eval.py, scripts/compare.py) share: flag parsing that turns
 every bad flag into one line, and a --help that exits 0 and shows the config's fields.
 
+    define_config_flag(os.path.join(CHECKOUT, "configs", "lm.py"), root=CHECKOUT)  # --config
     app.run(main, flags_parser=parse_flags_or_exit)
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 
 from absl import flags
 
 FLAGS = flags.FLAGS
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
+_CONFIG_ARG = re.compile(r"^--?config(=|$)")
+# Where a relative --config=FILE is looked for when the current directory has no FILE (the
+# checkout holding the entry point): set by define_config_flag.
+_config_root: str | None = None
+
+
+def define_config_flag(default: str, root: str | None = None) -> None:
+  """Defines --config (an ml_collections config file, locked) for an entry point's __main__.
+
+  default: the config file used without --config= (absolute, so it resolves from any directory).
+  root: where a relative --config=FILE is looked for when the current directory has none (the
+  checkout: the README's `--config=configs/lm.py:...` then works from anywhere).
+
+  Without --config= on the command line, config_flags loads the default file and applies every
+  --config.x=y override while the flag is being *defined*, outside parse_flags_or_exit, so a
+  misspelt override became a traceback; naming the default on the command line defers that to
+  the parse, where every error is one line.
+  """
+  from ml_collections import config_flags
+
+  global _config_root
+  _config_root = root
+  if not any(_CONFIG_ARG.match(a) for a in sys.argv[1:]):
+    sys.argv.insert(1, f"--config={default}")
+  config_flags.DEFINE_config_file("config", default, "Experiment config file[:arg].",
+                                  lock_config=True)
+
+
+def resolve_config_args(argv: list[str], root: str | None = None) -> list[str]:
+  """argv with a relative --config=FILE[:ARG] that is missing from the current directory but
+  present under `root` made absolute; ValueError naming --config when FILE is in neither."""
+  out = []
+  for i, a in enumerate(argv):
+    if i and a.startswith(("--config=", "-config=")):
+      flag, spec = a.split("=", 1)
+      path, sep, arg = spec.partition(":")
+      if not os.path.isfile(path):
+        there = os.path.join(root, path) if root and not os.path.isabs(path) else None
+        if there and os.path.isfile(there):
+          a = f"{flag}={there}{sep}{arg}"
+        else:
+          where = f" (looked in {os.getcwd()}" + (f" and {root})" if there else ")")
+          raise ValueError(f"--config: no such file {path!r}{where}")
+    out.append(a)
+  return out
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
   """absl's parser, but --help prints the usage and exits 0, and a bad flag is one line naming it
   on stderr and exit 1: no traceback (an unknown --config.x key, or an error inside the config
   file) and no usage hint after it."""
+  try:
+    argv = resolve_config_args(argv, _config_root)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   if any(a in HELP_FLAGS for a in argv[1:]):
     print(help_text(argv))
     sys.exit(0)
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
+    if "config" in FLAGS:  # a config file that failed to load raises only when first read
+      getattr(FLAGS["config"].value, "lock", None)
+    return rest
+  except OSError as e:  # ml_collections' deferred load error: its first line
+    message = f"--config: {str(e).splitlines()[0]}"
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     message = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"

@@ -33,7 +33,8 @@ cache buffer of exactly `context` slots filled with random values (no real prefi
 do not change the cost) whose fill level `lengths` is set so that the timed steps decode the last
 positions, context - steps .. context - 1. Attention always runs over every slot of the buffer (the
 causal mask hides unfilled ones), so every step costs a decode at that context. One warm-up step
-(compile + run), then `steps` steps each ended with block_until_ready; the median is reported.
+(compile + run), then `steps` steps each timed alone and blocked on (the package's one protocol,
+`evaluation.decode_speed.step_times`); the median is reported.
 `ms_per_token` is the median time of one step, i.e. the per-sequence latency of one new token (a
 batch-8 step makes 8 tokens; tokens_per_s = batch / step time).
 
@@ -62,9 +63,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os
 import platform  # noqa: E402
-import statistics  # noqa: E402
 import sys
-import time  # noqa: E402
 
 
 def _fake_devices_from_argv() -> None:
@@ -80,95 +79,23 @@ def _fake_devices_from_argv() -> None:
 
 _fake_devices_from_argv()
 
+# The benchmark's models, bytes, timed step and targets live in mla_jax.evaluation.decode_bench
+# (the accelerator check, mla_jax.accel, measures with them too).
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mla_jax.core import cache as cache_lib  # noqa: E402
-from mla_jax.core.config import ModelConfig, kv_cache_bytes_per_token  # noqa: E402
-from mla_jax.core.generate import decode_step_jit  # noqa: E402
+from mla_jax.core.config import kv_cache_bytes_per_token  # noqa: E402
 from mla_jax.core.model import Transformer  # noqa: E402
-from mla_jax.kernels import mla_decode  # noqa: E402
-
-BASE = dict(vocab_size=256, d_model=512, n_heads=8, head_dim=64, n_layers=2, d_ff=1408,
-            init_std=0.02, dtype="float32", param_dtype="float32")
-MLA = dict(attention="mla", kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64,
-           v_head_dim=64, q_lora_rank=0)
-# (variant, path, config overrides)
-VARIANTS = [
-    ("mha", "kv", dict(attention="mha")),
-    ("gqa", "kv", dict(attention="gqa", n_kv_heads=2)),
-    ("mqa", "kv", dict(attention="mqa")),
-    ("mla", "naive", dict(MLA, mla_decode_impl="naive")),
-    ("mla", "absorbed", dict(MLA, mla_decode_impl="absorbed")),
-    ("mla", "pallas", dict(MLA, mla_decode_impl="pallas")),
-]
-# Peak memory bandwidth in GB/s (vendor figures) by a substring of jax's device_kind; first match.
-PEAK_GBPS = [("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
-             ("A100 80GB", 1935.0), ("A100", 1555.0), ("L40S", 864.0)]
-
-
-def row_name(variant: str, path: str) -> str:
-  return variant if path == "kv" else f"{variant}-{path}"
-
-
-def parse_contexts(text: str) -> list[int]:
-  """'1k,4k,32k' or '1024,4096' -> [1024, 4096, 32768]."""
-  return [int(c[:-1]) * 1024 if c.lower().endswith("k") else int(c) for c in text.split(",")]
-
-
-def peak_gbps(device_kind: str) -> float | None:
-  return next((gbps for key, gbps in PEAK_GBPS if key.lower() in device_kind.lower()), None)
-
-
-def bytes_read_per_slot(cfg: ModelConfig, path: str) -> int:
-  """Cache bytes one decode step reads per filled slot, per layer and sequence (see the doc)."""
-  item = jnp.dtype(cfg.kv_cache_dtype).itemsize
-  if cfg.attention != "mla":
-    return 2 * cfg.kv_heads * cfg.qk_head_dim * item
-  c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
-  if path == "pallas":
-    return (c + r) * -(-cfg.n_heads // mla_decode.default_block_h(cfg.n_heads)) * item
-  return (2 * c + r) * item
-
-
-def make_config(overrides: dict, max_seq_len: int) -> ModelConfig:
-  return ModelConfig(**{**BASE, **overrides, "max_seq_len": max_seq_len})
-
-
-@jax.jit
-def _random_like(key, cache):
-  """The same cache with N(0, 1) contents (lengths untouched)."""
-  leaves, treedef = jax.tree.flatten(cache.layers)
-  keys = jax.random.split(key, len(leaves))
-  leaves = [jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
-            for k, x in zip(keys, leaves)]
-  return cache.replace(layers=jax.tree.unflatten(treedef, leaves))
-
-
-def time_decode(graphdef, state, cfg: ModelConfig, context: int, batch: int, steps: int,
-                max_seconds: float) -> list[float]:
-  """Seconds per decode step (after one warm-up step) at `context` slots, batch `batch`."""
-  cache = cache_lib.init_cache(cfg, batch, context)
-  cache = _random_like(jax.random.key(context + batch), cache)
-  start = context - steps - 1  # warm-up decodes position start, timed steps the rest
-  cache = cache.replace(lengths=jnp.full((batch,), start, jnp.int32))
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
-  logits, cache = decode_step_jit(graphdef, state, cache, tokens)  # compile + first run
-  logits.block_until_ready()
-  times, begin = [], time.perf_counter()
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    logits, cache = decode_step_jit(graphdef, state, cache, tokens)
-    logits.block_until_ready()
-    times.append(time.perf_counter() - t0)
-    if time.perf_counter() - begin > max_seconds and len(times) >= 3:
-      break  # slow cells (mla-naive at long context) stop early; at least 3 samples
-  assert int(cache.lengths[0]) == start + 1 + len(times)
-  assert bool(jnp.all(jnp.isfinite(logits)))
-  del cache
-  return times
+from mla_jax.evaluation.decode_bench import (  # noqa: E402
+    MLA,
+    VARIANTS,
+    kernel_targets,
+    make_config,
+    measure_cell,
+    parse_contexts,
+    peak_gbps,
+    row_name,
+)
 
 
 def markdown_table(records: list[dict], cell=lambda r: f"{r['ms_per_token']:.2f}") -> str:
@@ -212,28 +139,6 @@ def target_ratios(records: list[dict]) -> list[dict]:
   return out
 
 
-def kernel_targets(records: list[dict]) -> list[dict]:
-  """The fused kernel's targets (docs/kernels.md), per MLA path and batch >= 64, context >= 4k:
-  achieved bandwidth >= 70% of peak, and (MLA time / MQA time) / bytes ratio (C + R) / 2K <= 1.1."""
-  mqa = {(r["batch"], r["context"]): r for r in records if r["variant"] == "mqa"}
-  out = []
-  for r in records:
-    if r["variant"] != "mla" or r["path"] == "naive" or r["batch"] < 64 or r["context"] < 4096:
-      continue
-    t = dict(path=r["path"], batch=r["batch"], context=r["context"], peak_fraction=None,
-             over_bytes_ratio=None)
-    if r.get("peak_fraction") is not None:
-      t["peak_fraction"] = r["peak_fraction"]
-      t["bandwidth_target_met"] = r["peak_fraction"] >= 0.7
-    m = mqa.get((r["batch"], r["context"]))
-    if m is not None:
-      ratio = r["ms_per_token"] / m["ms_per_token"]
-      t["over_bytes_ratio"] = ratio / (r["kv_bytes_per_token"] / m["kv_bytes_per_token"])
-      t["mqa_target_met"] = t["over_bytes_ratio"] <= 1.1
-    out.append(t)
-  return out
-
-
 # (row name, config overrides, mesh axis the cache is split over, sharded_impl)
 SHARDED_ROWS = [
     ("mha", dict(attention="mha"), "sequence", "shard_map"),
@@ -253,7 +158,8 @@ def bench_devices(devices: list[int], context: int, batch: int, steps: int,
   cell is timed once per round, rows in reverse order on odd rounds, so a burst of load from
   another process or the order itself does not favour one row; ms_per_token is the smallest of
   the rounds' medians (each round's list is kept in the record)."""
-  from mla_jax.core import decode_sharded, sharding
+  from mla_jax.core import sharding
+  from mla_jax.core.decode_plan import DecodePlan
   from mla_jax.evaluation import decode_speed
 
   if max(devices) > jax.device_count():
@@ -266,7 +172,7 @@ def bench_devices(devices: list[int], context: int, batch: int, steps: int,
         models[name] = Transformer(make_config(overrides, context), rngs=nnx.Rngs(0))
       for n in devices:
         mesh = sharding.make_mesh({axis: n}, devices=jax.devices()[:n])
-        plan = decode_sharded.DecodePlan.make(mesh, impl=impl)
+        plan = DecodePlan.make(mesh, impl=impl)
         r = decode_speed.time_decode(models[name], context, batch, steps, warmup=1, plan=plan)
         cells.setdefault((name, axis, impl, n), []).append(r)
         print(f"round {rnd}: {name:12s} split over {axis:8s} ({impl:9s}) on {n} devices: "
@@ -366,23 +272,15 @@ def main(argv=None):
     cfg = make_config(overrides, max(contexts))
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     for batch in batches:
       for context in contexts:
-        times = time_decode(graphdef, state, cfg, context, batch, steps, max_seconds)
-        median = statistics.median(times)
-        read = bytes_read_per_slot(cfg, path) * cfg.n_layers * batch * context
-        rec = dict(variant=variant, path=path, context=context, batch=batch,
-                   ms_per_token=1e3 * median,
-                   kv_bytes_per_token=kv_cache_bytes_per_token(cfg),
-                   tokens_per_s=batch / median, steps_timed=len(times),
-                   ms_min=1e3 * min(times), device_kind=device.device_kind, param_bytes=param_bytes,
-                   cache_bytes_read_per_step=read, achieved_gbps=read / median / 1e9,
-                   peak_gbps=peak, peak_fraction=read / median / 1e9 / peak if peak else None)
+        rec = measure_cell(variant, path, cfg, graphdef, state, batch, context, steps,
+                           max_seconds, peak)
         records.append(rec)
         frac = f", {100 * rec['peak_fraction']:.0f}% of peak" if peak else ""
         print(f"{variant:4s} {path:8s} batch {batch:2d} context {context:6d}: "
-              f"{rec['ms_per_token']:9.2f} ms/step (min {rec['ms_min']:.2f}, n={len(times)}), "
+              f"{rec['ms_per_token']:9.2f} ms/step (min {rec['ms_min']:.2f}, "
+              f"n={rec['steps_timed']}), "
               f"{rec['achieved_gbps']:7.1f} GB/s{frac}", flush=True)
 
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

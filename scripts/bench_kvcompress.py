@@ -8,8 +8,9 @@ vocabulary; MLA C=48, R=16; GQA 2 kv heads). For each variant: the model's own d
 (core.generate.decode_step_jit) with a cache of `context` tokens and of `budget` tokens (what a
 cache of the budget's size costs without any bookkeeping), then the budget cache of
 mla_jax/kvcompress with each policy after `context` tokens went in (the cache at its budget,
-evicting every step). The fastest of `rounds` timings of `steps` steps each (robust to a shared
-machine), batch 1.
+evicting every step). Timed by mla_jax.evaluation.decode_speed.step_times (each step alone, after
+one warm-up step): the fastest of `rounds` median step times of `steps` steps each (robust to a
+shared machine), batch 1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -28,18 +28,17 @@ POLICIES = ("none", "streaming", "h2o", "tova", "snapkv", "l2norm", "vatp", "fas
 
 
 def _time(step, cache, tokens, steps, rounds):
-  import jax
+  """The fastest of `rounds` median step times (ms) of `steps` steps each (the least disturbed
+  round: the machine may be shared), by decode_speed.step_times."""
+  import statistics
 
-  _, cache = step(cache, tokens[:, :1])  # compile
-  jax.block_until_ready(cache)
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    for i in range(steps):
-      _, cache = step(cache, tokens[:, i:i + 1])
-    jax.block_until_ready(cache)
-    times.append((time.perf_counter() - start) / steps * 1e3)
-  return min(times)  # the least disturbed round: the machine may be shared
+  from mla_jax.evaluation.decode_speed import step_times
+
+  medians = []
+  for r in range(rounds):
+    times, _, cache = step_times(step, cache, tokens, steps, warmup=1 if r == 0 else 0)
+    medians.append(1e3 * statistics.median(times))
+  return min(medians)
 
 
 def bench_variant(variant: str, context: int, budget: int, steps: int, rounds: int,
@@ -49,10 +48,9 @@ def bench_variant(variant: str, context: int, budget: int, steps: int, rounds: i
   import numpy as np
   from flax import nnx
 
-  from mla_jax.core import cache as cache_lib
   from mla_jax.core.config import ModelConfig
   from mla_jax.core.generate import decode_step_jit
-  from mla_jax.core.model import Transformer
+  from mla_jax.core.model import Transformer, init_cache
   from mla_jax.kvcompress import budget as budget_lib
   from mla_jax.kvcompress import decode, make
 
@@ -71,7 +69,7 @@ def bench_variant(variant: str, context: int, budget: int, steps: int, rounds: i
   out = {"variant": variant, "context": context, "budget": budget}
   fill = jax.jit(lambda s, c, t: nnx.merge(graphdef, s).extend(t, c))
   for name, n in (("model_at_context", context), ("model_at_budget", budget)):
-    cache = cache_lib.init_cache(cfg, 1, n + steps + 2)
+    cache = init_cache(cfg, 1, n + steps + 2)
     _, cache = fill(state, cache, prompt[:, :n])
     out[name] = _time(lambda c, t: decode_step_jit(graphdef, state, c, t), cache, tokens, steps,
                       rounds)

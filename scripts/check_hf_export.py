@@ -5,7 +5,9 @@ and transformers: run it in their environment, not the project's).
   /tmp/hfenv/bin/python scripts/check_hf_export.py --hf_dir=out/mla_hf --reference=out/mla_ref.npz
 
 Prints the largest absolute logit difference; exits 1 when it is above --tol (relative to the
-largest logit, at least 1).
+largest logit, at least 1). The torch environment, once (a venv beside the project's):
+
+  python3 -m venv /tmp/hfenv && /tmp/hfenv/bin/pip install torch transformers safetensors numpy
 """
 
 from __future__ import annotations
@@ -14,11 +16,21 @@ import argparse
 import sys
 
 import numpy as np
-import torch
-import transformers
+
+HF_ENV = ("python3 -m venv /tmp/hfenv && /tmp/hfenv/bin/pip install torch transformers "
+          "safetensors numpy")
 
 
 def main():
+  try:
+    import torch
+    import transformers
+  except ImportError as e:  # the project's environment has neither, on purpose
+    print(f"error: scripts/check_hf_export.py needs torch and transformers ({e.name or e} is not "
+          f"installed here); make that environment once: {HF_ENV}, then run "
+          "/tmp/hfenv/bin/python scripts/check_hf_export.py --hf_dir=... --reference=...",
+          file=sys.stderr)
+    sys.exit(1)
   ap = argparse.ArgumentParser()
   ap.add_argument("--hf_dir", required=True)
   ap.add_argument("--reference", required=True)

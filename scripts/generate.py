@@ -13,7 +13,8 @@ from absl import app, flags
 
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 flags.DEFINE_string("prompt", "\n", "Text to continue.")
-flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate (>= 1; the prompt plus these "
+                     "must fit in model.max_seq_len).")
 flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
 flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
@@ -41,16 +42,27 @@ def main(argv):
   try:
     plan = eval_mesh({a: FLAGS[f"mesh.{a}"].value for a in ("data", "fsdp", "tensor", "sequence")},
                      FLAGS.sharded_impl)
+    if FLAGS.max_new_tokens < 1:
+      raise ValueError(f"--max_new_tokens: must be >= 1, got {FLAGS.max_new_tokens}")
     wd = Workdir.open(FLAGS.workdir)
     tok = wd.tokenizer()
     if tok is None:
       raise WorkdirError(f"{wd.path}: no tokenizer/ to encode a text prompt (trained on ids)")
+    prompt = tok.encode(FLAGS.prompt).tolist()
+    # Checked before loading anything: the cache holds max_seq_len tokens, prompt included.
+    room = wd.model_config.max_seq_len - len(prompt)
+    if room < 1:
+      raise ValueError(f"--prompt: {len(prompt)} tokens fill the model's whole context "
+                       f"(model.max_seq_len={wd.model_config.max_seq_len})")
+    if FLAGS.max_new_tokens > room:
+      raise ValueError(f"--max_new_tokens: {FLAGS.max_new_tokens} does not fit: the "
+                       f"{len(prompt)}-token prompt leaves {room} of the model's "
+                       f"{wd.model_config.max_seq_len} positions (model.max_seq_len); use "
+                       f"--max_new_tokens={room} or less")
     mesh = None if plan is None else plan.mesh
     model = wd.load_model(FLAGS.which, mesh=mesh)
-    prompt = tok.encode(FLAGS.prompt).tolist()
-    new = min(FLAGS.max_new_tokens, model.cfg.max_seq_len - len(prompt))
-    out = generate(model, [prompt], new, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                   top_p=FLAGS.top_p, seed=FLAGS.seed, mesh=mesh,
+    out = generate(model, [prompt], FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                   top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, mesh=mesh,
                    sharded_impl=FLAGS.sharded_impl)[0]
   except (WorkdirError, EvalError, ValueError) as e:
     msg = str(e).splitlines()[0]

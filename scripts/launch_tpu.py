@@ -3,11 +3,15 @@ r"""Run train.py on every worker of a Cloud TPU VM (a pod slice): copy the check
   python3 scripts/launch_tpu.py --tpu=NAME --zone=ZONE [--project=PROJECT] [--setup] [--dry_run] \
       -- --config=configs/lm.py:attn=mla,size=1b --workdir=/mnt/shared/runs/mla_1b
 
-Runs, in order (every command printed first; --dry_run prints them and runs nothing):
+First, here: `train.py --check_config FLAGS` (the flags and the config checked as train.py
+would, without data or devices), so a misspelt override fails in one line before any worker is
+touched (also with --dry_run). Then, in order (every command printed first; --dry_run prints
+them and runs nothing):
   1. tar of the checkout's tracked files (`git ls-files`, as they are in the working tree)
   2. gcloud compute tpus tpu-vm scp  ARCHIVE NAME:~/mla_jax.tar.gz --worker=all
   3. gcloud compute tpus tpu-vm ssh  NAME --worker=all: unpack into ~/mla_jax
-     (and, with --setup, `python3 -m pip install -r requirements.txt`)
+     (and, with --setup, `python3 -m pip install -r requirements.txt` and the TPU build of the
+     pinned jax, `jax[tpu]==<requirements.txt's jax>`, which brings libtpu)
   4. gcloud compute tpus tpu-vm ssh  NAME --worker=all: cd ~/mla_jax && python3 train.py FLAGS
 Each worker is one JAX process; jax.distributed finds its peers on a TPU VM by itself, so train.py
 needs no --coordinator_address there. The workdir must be one directory every worker sees (a
@@ -19,51 +23,10 @@ resumes from the newest checkpoint in that workdir (on another slice shape too).
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REMOTE_DIR = "~/mla_jax"
-REMOTE_ARCHIVE = "~/mla_jax.tar.gz"
-
-
-def commands(tpu: str, zone: str, train_args: list[str], project: str = "",
-             worker: str = "all", setup: bool = False,
-             archive: str = "/tmp/mla_jax_checkout.tar.gz") -> list[str]:
-  """The shell commands of one launch, in order (what --dry_run prints)."""
-  target = [f"--zone={zone}", *([f"--project={project}"] if project else []),
-            f"--worker={worker}"]
-  ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, *target]
-  unpack = (f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && "
-            f"tar xzf {REMOTE_ARCHIVE} -C {REMOTE_DIR}")
-  if setup:
-    unpack += f" && cd {REMOTE_DIR} && python3 -m pip install -q -r requirements.txt"
-  train = f"cd {REMOTE_DIR} && python3 train.py {shlex.join(train_args)}".rstrip()
-  return [
-      f"git -C {shlex.quote(REPO)} ls-files -z | tar czf {shlex.quote(archive)} "
-      f"-C {shlex.quote(REPO)} --null -T -",
-      shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "scp", archive,
-                  f"{tpu}:{REMOTE_ARCHIVE}", *target]),
-      shlex.join([*ssh, f"--command={unpack}"]),
-      shlex.join([*ssh, f"--command={train}"]),
-  ]
-
-
-def check_workdir(train_args: list[str]) -> str | None:
-  """A warning when the workdir cannot be shared by the workers, else None."""
-  workdir = next((a.split("=", 1)[1] for a in train_args if a.startswith("--workdir=")), None)
-  if workdir is None:
-    return "error: --workdir: train.py needs one after '--' (a path every worker sees)"
-  if workdir.startswith("gs://"):
-    return (f"error: --workdir: {workdir} is a bucket URL; train.py writes through the file "
-            "system: mount the bucket with gcsfuse at the same path on every worker and pass "
-            "that path")
-  if not os.path.isabs(workdir) and not workdir.startswith("~"):
-    return (f"warning: --workdir={workdir} is relative to ~/mla_jax, which the next launch "
-            "replaces, and local to each worker: use a shared mount, e.g. /mnt/shared/runs/x")
-  return None
+from mla_jax.tpu_launch import check_config, check_workdir, commands
 
 
 def main(argv: list[str]) -> int:
@@ -83,6 +46,11 @@ def main(argv: list[str]) -> int:
     print(note, file=sys.stderr)
     if note.startswith("error:"):
       return 1
+  error = check_config(rest)  # before any worker is touched, dry run or not
+  if error:
+    print(f"{error} (checked here with train.py --check_config; nothing was launched)",
+          file=sys.stderr)
+    return 1
   for cmd in commands(a.tpu, a.zone, rest, a.project, a.worker, a.setup):
     print(f"+ {cmd}", flush=True)
     if a.dry_run:

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mla_jax.core import cache as cache_lib
 from mla_jax.core.config import ModelConfig
+from mla_jax.core.model import init_cache
 
 # Test-side jits skip LLVM's optimisation passes: CPU compiles take ~2-3x less time and neither
 # numbers nor shardings depend on them (the library's own jits keep theirs).
@@ -44,7 +44,7 @@ def random_module(cls, cfg: ModelConfig, seed: int = 0):
 @functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
 def _full_and_incremental(graphdef, state, tokens, n_prefill):
   model = nnx.merge(graphdef, state)
-  cache = cache_lib.init_cache(model.cfg, tokens.shape[0])
+  cache = init_cache(model.cfg, tokens.shape[0])
   prefill, cache = model.extend(tokens[:, :n_prefill], cache)
 
   def step(cache, tok):  # one `extend` per remaining token

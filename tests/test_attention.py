@@ -13,10 +13,9 @@ import pytest
 from flax import nnx
 from model_helpers import FAST_COMPILE, random_module, tiny
 
-from mla_jax.core import cache as cache_lib
 from mla_jax.core.attention import GQAttention, MLAttention
 from mla_jax.core.layers import apply_rope, interleaved_to_half_perm, rope_angles
-from mla_jax.core.model import Transformer
+from mla_jax.core.model import Transformer, init_cache
 
 ATOL = 1e-5
 
@@ -195,7 +194,7 @@ def test_gqa_cache_matches_no_cache():
   cfg = tiny(attention="gqa", n_kv_heads=2)
   att = random_module(GQAttention, cfg, seed=0)
   x = jax.random.normal(jax.random.key(10), (2, 7, 32))
-  layer = cache_lib.init_cache(cfg, 2, 12).layers[0]
+  layer = init_cache(cfg, 2, 12).layers[0]
   pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
   _, layer = call(att, x[:, :6], pos, layer, jnp.zeros((2,), jnp.int32))
   lengths = jnp.array([4, 6], jnp.int32)  # row 0's slots 4, 5 are stale padding from now on
@@ -251,7 +250,7 @@ def test_mla_absorbed_equals_naive_with_cache(q_lora_rank):
   cfg = tiny(attention="mla", q_lora_rank=q_lora_rank, rope_layout="interleaved")
   att = random_module(MLAttention, cfg, seed=1)
   x = jax.random.normal(jax.random.key(12), (2, 7, 32))
-  empty = cache_lib.init_cache(cfg, 2, 12).layers[0]
+  empty = init_cache(cfg, 2, 12).layers[0]
   zeros = jnp.zeros((2,), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
   outs, caches = {}, {}

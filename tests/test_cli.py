@@ -14,12 +14,12 @@ import sys
 
 import pytest
 
+from mla_jax.data import download as download_data
 from mla_jax.experiment import DataConfig, ExperimentConfig, OptimConfig, TrainConfig, load_config
 from mla_jax.storage.workdir import Workdir
+from mla_jax.training import drills as fd
 from mla_jax.training import logger as logger_lib
 from mla_jax.training import trainer
-from scripts import download_data
-from scripts import fault_drill as fd
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"train.steps": 6, "train.eval_every": 3, "train.ckpt_every": 3, "train.log_every": 3,
@@ -248,14 +248,24 @@ def test_download_verifies_the_checksum(tmp_path, monkeypatch):
 # Packaging ----------------------------------------------------------------------------------------
 
 
-def test_pyproject_pins_match_requirements():
+@pytest.mark.parametrize("pins_file", ["requirements.txt", "requirements-jax011.txt"])
+def test_requirements_pin_what_pyproject_allows(pins_file):
+  """Each tested stack pins every dependency pyproject.toml declares, at a version in its range
+  (jax 0.10.2 on Python 3.11, jax 0.11.2 on Python 3.12)."""
   import tomllib
 
+  from packaging.requirements import Requirement
+  from packaging.utils import canonicalize_name
+
   project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-  pins = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
-          if line.strip() and not line.startswith(("#", "-e"))]
-  declared = project["dependencies"] + project["optional-dependencies"]["test"]
+  declared = {canonicalize_name(r.name): r for r in map(
+      Requirement, project["dependencies"] + project["optional-dependencies"]["test"])}
+  pins = dict(line.strip().split("==") for line in (REPO / pins_file).read_text().splitlines()
+              if line.strip() and not line.startswith(("#", "-e")))
+  pins = {canonicalize_name(name): version for name, version in pins.items()}
   assert sorted(pins) == sorted(declared)
+  for name, req in declared.items():
+    assert req.specifier.contains(pins[name]), (pins_file, name, pins[name], str(req.specifier))
 
 
 def test_lint_is_clean():
@@ -292,3 +302,19 @@ def test_health_metrics_are_logged_per_layer_and_finite(finished):
   assert "health/grad_norm/embed.table" in health
   assert all(math.isfinite(v) for v in health.values())
   assert health["health/L0/latent_rms"] == pytest.approx(1.0, rel=0.2)  # kv_norm's output
+
+
+def test_ci_runs_the_readme_test_command_exactly():
+  """.ci/run's last line is the README's install-and-test command, lint included."""
+  readme = (REPO / "README.md").read_text()
+  ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+  block = readme.split("Install, lint and run the tests", 1)[1].split("```bash\n", 1)[1]
+  assert block.split("\n", 1)[0] == ci
+  assert "ruff check ." in ci and "pytest -q tests" in ci
+
+
+def test_readme_gpu_line_installs_the_pinned_jax():
+  """The single-GPU how-to's CUDA jax is requirements.txt's jax (a mismatched jaxlib breaks)."""
+  pin = next(line.split("==")[1] for line in (REPO / "requirements.txt").read_text().splitlines()
+             if line.startswith("jax=="))
+  assert f'python3 -m pip install "jax[cuda12]=={pin}"' in (REPO / "README.md").read_text()

@@ -22,8 +22,8 @@ from flax import nnx
 
 from mla_jax.core import cache as cache_lib
 from mla_jax.core.config import ModelConfig, kv_cache_bytes_per_token
-from mla_jax.core.model import Transformer, count_params
-from mla_jax.evaluation import decode_speed, report, stats
+from mla_jax.core.model import Transformer, count_params, init_cache
+from mla_jax.evaluation import decode_speed, plots, report, stats
 from mla_jax.evaluation import sweep as compare
 from mla_jax.evaluation import workdir_eval as mla_eval
 from mla_jax.experiment import load_config
@@ -48,7 +48,7 @@ def stdlib_wd(tmp_path_factory):
   wd = tmp_path_factory.mktemp("stdlib_wd")
   # 520 kB: the first 20 sorted stdlib files, so that one (abc.py) is validation.
   _train(wd, **{"train.steps": 20, "train.eval_every": 20, "train.ckpt_every": 20,
-                "data.max_bytes": 520_000})
+                "data.max_bytes": 640_000})
   return str(wd)
 
 
@@ -149,7 +149,7 @@ def test_measured_cache_bytes_equal_analytic(attention, extra):
                     kv_lora_rank=12, qk_rope_head_dim=4, max_seq_len=32, **extra)
   graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
   fill = jax.jit(lambda s: nnx.merge(graphdef, s).extend(jnp.ones((2, 8), jnp.int32),
-                                                         cache_lib.init_cache(cfg, 2, 8))[1])
+                                                         init_cache(cfg, 2, 8))[1])
   cache = fill(state)
   expected = {"mha": 2 * 4 * 8, "gqa": 2 * 2 * 8, "mqa": 2 * 8, "mla": 12 + 4}[attention] * 2 * 4
   assert cache_lib.cache_bytes_per_token(cache) == kv_cache_bytes_per_token(cfg) == expected
@@ -166,7 +166,7 @@ def test_decode_timing_paths_agree_and_validate():
   def prefill_then_decode(state_a, state_b):  # the same weights behind both decode paths
     out = []
     for m in (nnx.merge(nnx.graphdef(model), state_a), nnx.merge(nnx.graphdef(naive), state_b)):
-      _, cache = m.extend(jnp.arange(5, dtype=jnp.int32)[None], cache_lib.init_cache(cfg, 1, 8))
+      _, cache = m.extend(jnp.arange(5, dtype=jnp.int32)[None], init_cache(cfg, 1, 8))
       out.append(m.extend(jnp.full((1, 1), 5, jnp.int32), cache)[0])
     return out
 
@@ -294,45 +294,47 @@ def test_mean_std_and_exceeds_spread_match_hand_computed():
 
 
 def test_pareto_front():
-  assert report.pareto_front([(4, 1.0), (2, 1.2), (2, 1.1), (1, 1.5), (4, 1.3)]) == [3, 2, 0]
+  assert plots.pareto_front([(4, 1.0), (2, 1.2), (2, 1.1), (1, 1.5), (4, 1.3)]) == [3, 2, 0]
 
 
-def test_compare_tiny_sweep_writes_report(tmp_path, monkeypatch):
-  """2 variants x 2 learning rates (tuning) x 2 seeds (final runs), end to end."""
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # train.py children
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
-  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+def test_compare_tiny_sweep_writes_report(tmp_path):
+  """The real launcher end to end: scripts/compare.py on the tiny sweep's two variants, one seed,
+  no tuning phase (two train.py subprocesses at once), then evaluation, interleaved decode timing,
+  the report and its plots. The protocol itself (tuning, the chosen rates, seeds, seed statistics)
+  is checked on a fake launcher in test_compare_workdirs.py."""
+  sweep = tmp_path / "tiny_real.py"
+  sweep.write_text("from configs.sweeps import tiny\n\n\ndef get_config():\n"
+                   "  c = tiny.get_config()\n"
+                   "  c.name, c.lr_grid, c.seeds = 'tiny_real', [], [0]\n"
+                   "  c.overrides.optim = dict(lr=4e-3)\n"
+                   "  return c\n")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
   out = tmp_path / "out"
-  paths = compare.run_sweep("tiny", str(out))
+  p = subprocess.run([sys.executable, "scripts/compare.py", f"--sweep={sweep}", f"--out={out}"],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  paths = [str(out / f) for f in os.listdir(out)]
   results = json.loads((out / "results.json").read_text())
-  assert set(results["runs"]) == {"mha_s0", "mha_s1", "mla_s0", "mla_s1"}
-  tuning = results["tuning"]
-  for v in ("mha", "mla"):
-    grid = {float(lr): b for lr, b in tuning[v]["grid"].items()}
-    assert set(grid) == {1e-3, 4e-3} and all(math.isfinite(b) for b in grid.values())
-    assert tuning[v]["chosen"] == min(grid, key=grid.get)  # the final runs' rate is the best
-    for seed in (0, 1):
-      run = results["runs"][f"{v}_s{seed}"]
-      assert run["lr"] == tuning[v]["chosen"] and run["seed"] == seed
-      assert json.loads((out / "runs" / f"{v}_s{seed}" / "config.json").read_text())[
-          "optim"]["lr"] == tuning[v]["chosen"]
+  assert set(results["runs"]) == {"mha", "mla"} and results["tuning"] == {}
   for name, r in results["runs"].items():
     assert math.isfinite(r["val_bpb"]) and r["kv_bytes_per_token"] > 0, name
-    assert r["curve"] and r["decode"]
+    assert r["curve"] and r["decode"] and r["lr"] == 4e-3
+    config = json.loads((out / "runs" / name / "config.json").read_text())
+    assert config["optim"]["lr"] == 4e-3 and config["train"]["steps"] == 8
     # decode is timed once, interleaved over all runs (decode_rounds), not per run beside training
     assert json.loads((out / "runs" / name / "eval.json").read_text())["decode"] == {}
   wall = results["setup"]["wall"]
-  assert (wall["jobs"], wall["runs_trained"], wall["runs"]) == (2, 8, 8)
+  assert (wall["jobs"], wall["runs_trained"], wall["runs"]) == (2, 2, 2)
   assert sum(wall["phases"].values()) == pytest.approx(wall["seconds"], abs=0.2)
   mla, mha = results["variants"]["mla"], results["variants"]["mha"]
   assert mla["kv_bytes_per_token"] < mha["kv_bytes_per_token"]
-  bpb = [results["runs"][f"mla_s{s}"]["val_bpb"] for s in (0, 1)]
-  assert mla["val_bpb_std"] == pytest.approx(abs(bpb[0] - bpb[1]) / 2 ** 0.5)
   (pair,) = results["comparisons"]
   assert (pair["a"], pair["b"], pair["kind"]) == ("mla", "mha", "vs reference")
   text = (out / "report.md").read_text()
-  for needle in ("| mha_s0 |", "| mla_s1 |", "compare.py --sweep=tiny", "### Learning-rate tuning",
-                 "### Differences against seed noise", "| mla vs mha | vs reference |",
+  for needle in ("| mha |", "| mla |", f"compare.py --sweep={sweep}",
+                 "| mla vs mha | vs reference |",
                  "- Wall time of the command that wrote this report: "):
     assert needle in text, needle
   for png in report.PLOTS.values():
@@ -341,13 +343,15 @@ def test_compare_tiny_sweep_writes_report(tmp_path, monkeypatch):
     assert f"]({png})" in text
   assert {str(out / p) for p in report.PLOTS.values()} <= set(paths)
   # Finished runs are not retrained (an interrupted sweep continues); --reuse reads eval.json.
-  logs = [out / "runs" / "mha_s0" / "train.log",
-          out / "runs" / "tune" / "mha_lr0.001" / "train.log"]
+  logs = [out / "runs" / "mha" / "train.log", out / "runs" / "mla" / "train.log"]
   sizes = [log.stat().st_size for log in logs]
-  compare.run_sweep("tiny", str(out), reuse=True, jobs=1)
+  def never(*args):
+    raise AssertionError(f"retrained {args[1]['name']}")
+
+  compare.run_sweep(str(sweep), str(out), reuse=True, jobs=1, train_fn=never)
   assert [log.stat().st_size for log in logs] == sizes
   wall = json.loads((out / "results.json").read_text())["setup"]["wall"]
   assert (wall["jobs"], wall["runs_trained"]) == (1, 0)
   # A workdir trained for other steps is refused rather than resumed into the sweep.
   with pytest.raises(compare.SweepError, match="train.steps=8"):
-    compare.run_sweep("tiny", str(out), steps=9)
+    compare.run_sweep(str(sweep), str(out), steps=9, train_fn=never)

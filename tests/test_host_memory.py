@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 
 from mla_jax import host_memory
@@ -44,8 +45,12 @@ def _faults_per_run(opt_out: bool) -> float:  # the median run's
 
 def test_tuned_malloc_stops_per_run_page_faults():
   untuned, tuned = _faults_per_run(opt_out=True), _faults_per_run(opt_out=False)
-  # Untuned, each run maps and faults in its ~12 MB of intermediates (3,000+ pages); tuned, the
-  # heap keeps them and a run touches no new page.
+  if untuned < 500 and tuple(map(int, jax.__version__.split(".")[:2])) >= (0, 11):
+    # jax 0.11.2's XLA:CPU mostly keeps its intermediates itself (0 to ~1,200 faults per run
+    # seen): there is little for the tuning to stop, and nothing stable to assert.
+    pytest.skip(f"jax {jax.__version__}: {untuned:.0f} page faults per untuned run")
+  # Untuned (jax 0.10.2), each run maps and faults in its ~12 MB of intermediates (3,000+ pages);
+  # tuned, the heap keeps them and a run touches no new page.
   assert untuned > 2000, untuned
   assert tuned < 0.01 * untuned, (tuned, untuned)
 

@@ -14,7 +14,7 @@ from mla_jax.storage.workdir import Workdir
 from mla_jax.training import trainer
 
 OVERRIDES = {
-    "data.seq_len": 32, "data.max_bytes": 520_000, "optim.warmup_steps": 0, "optim.lr": 1e-9,
+    "data.seq_len": 32, "data.max_bytes": 640_000, "optim.warmup_steps": 0, "optim.lr": 1e-9,
     "optim.weight_decay": 0.0, "train.steps": 1, "train.global_batch": 8, "train.log_every": 1,
     "train.eval_every": 1, "train.ckpt_every": 1, "train.eval_tokens": 256,
     "train.final_eval_tokens": 256, "train.peak_flops": 2e11, "train.log_health": False,
@@ -65,7 +65,7 @@ def test_experiment_plan_and_a_tiny_end_to_end_run(tmp_path):
   cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=4, attention="gqa",
                     n_kv_heads=2, max_seq_len=64)
   config = workdir_io.experiment_dict(cfg)
-  config["data"].update(seq_len=32, max_bytes=520_000)
+  config["data"].update(seq_len=32, max_bytes=640_000)
   config["train"].update(steps=20, global_batch=8, peak_flops=2e11)
   ByteTokenizer().save(str(tmp_path / "tok"))  # as train.py leaves it
   workdir_io.write_workdir(str(tmp_path / "gqa"), cfg,

@@ -11,7 +11,7 @@ from flax import nnx
 
 from mla_jax.core import cache as cache_lib
 from mla_jax.core.config import ModelConfig, kv_cache_bytes_per_token
-from mla_jax.core.model import Transformer
+from mla_jax.core.model import Transformer, init_cache
 from mla_jax.interop import mha2mla, workdir_io
 from mla_jax.storage.workdir import Workdir
 
@@ -136,7 +136,7 @@ def test_2norm_scores_and_decode_with_per_group_rope_keys():
   for impl in ("absorbed", "naive"):
     mla = workdir_io.build_model(dataclasses.replace(new_cfg, mla_decode_impl=impl), new)
     extend = nnx.jit(lambda m, tokens, cache: m.extend(tokens, cache))
-    cache = cache_lib.init_cache(new_cfg, 2, 16)
+    cache = init_cache(new_cfg, 2, 16)
     out, cache = extend(mla, jnp.asarray(TOKENS[:, :9]), cache)
     steps = [np.asarray(out)]
     for t in range(9, 12):  # one-token decode steps through the per-group rope-key cache
@@ -154,7 +154,7 @@ def test_cache_bytes_follow_the_formula_and_shrink(tmp_path):
   new_cfg = Workdir.open(str(tmp_path / "dst")).model_config
   expected = (12 + 4 * 2) * cfg.n_layers * 4  # (C + G * R) * L float32 elements
   assert kv_cache_bytes_per_token(new_cfg) == expected == out["dst_cache_bytes"]
-  measured = cache_lib.cache_bytes_per_token(cache_lib.init_cache(new_cfg, 2, 16))
+  measured = cache_lib.cache_bytes_per_token(init_cache(new_cfg, 2, 16))
   assert measured == expected < kv_cache_bytes_per_token(cfg) == out["src_cache_bytes"]
   assert out["cache_fraction"] == expected / (2 * 4 * 8 * 2 * 4)
   assert Workdir.open(str(tmp_path / "dst")).config["origin"]["kind"] == "mha2mla"

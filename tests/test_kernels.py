@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 from model_helpers import FAST_COMPILE, full_and_incremental, random_module, tiny
 
-from mla_jax.core import cache as cache_lib
+from mla_jax.core import ops
 from mla_jax.core.attention import MLAttention, mla_absorbed, mla_pallas, resolve_mla_impl
-from mla_jax.core.model import Transformer
+from mla_jax.core.model import Transformer, init_cache
 from mla_jax.kernels import mla_decode
 
 ATOL = 1e-5
@@ -42,7 +42,7 @@ def kernel_partial(q, q_r, c, k_r, lengths, scale, **kw):
 def reference(q, q_r, c, k_r, lengths, scale):
   """(normalised output, m, l) of the plain-JAX reference."""
   o, m, l = mla_decode.reference_partial(q, q_r, c, k_r, lengths, scale)
-  return mla_decode.normalise(o, l), m, l
+  return ops.normalise(o, l), m, l
 
 
 def check_against_reference(q, q_r, c, k_r, lengths, atol=ATOL, **kw):
@@ -98,7 +98,7 @@ def test_combine_partials_equals_one_split():
                      compiler_options=FAST_COMPILE)(q, q_r, c, k_r, lengths)
   assert partials[0].shape == (2, 4, 4, 32)
   assert np.all(np.asarray(partials[2])[1, 1:] == 0.0)  # the empty splits
-  o4, m4, l4 = mla_decode.combine_partials(*partials)
+  o4, m4, l4 = ops.combine_partials(*partials)
   o1, m1, l1 = kernel_partial(q, q_r, c, k_r, lengths, SCALE, block_s=8, num_splits=1)
   np.testing.assert_allclose(m4, m1, atol=ATOL)
   np.testing.assert_allclose(l4, l1, rtol=ATOL)
@@ -109,7 +109,7 @@ def test_combine_partials_equals_one_split():
   def halves_merged(q, q_r, c, k_r, lengths):
     halves = [mla_decode.reference_partial(q, q_r, c[:, i:i + 32], k_r[:, i:i + 32],
                                            jnp.clip(lengths - i, 0, 32), SCALE) for i in (0, 32)]
-    o, _, l = mla_decode.combine_partials(*[jnp.stack(x, axis=1) for x in zip(*halves)])
+    o, _, l = ops.combine_partials(*[jnp.stack(x, axis=1) for x in zip(*halves)])
     return o / l[..., None]
 
   np.testing.assert_allclose(halves_merged(q, q_r, c, k_r, lengths), o1 / l1[..., None],
@@ -160,7 +160,7 @@ def test_layer_ragged_decode_pallas_equals_absorbed():
   cfg = tiny(attention="mla", rope_layout="interleaved")
   att = random_module(MLAttention, cfg, seed=1)
   x = jax.random.normal(jax.random.key(12), (2, 7, 32))
-  layer = cache_lib.init_cache(cfg, 2, 12).layers[0]
+  layer = init_cache(cfg, 2, 12).layers[0]
   graphdef, state = nnx.split(att)
   call = jax.jit(lambda state, *a, impl: nnx.merge(graphdef, state)(*a, impl=impl),
                  static_argnames="impl", compiler_options=FAST_COMPILE)
@@ -210,5 +210,5 @@ def test_compiled_kernel_on_gpu(shape, dtype):
   o, _, l = jax.jit(functools.partial(mla_decode.mla_decode_partial, scale=SCALE))(
       q, q_r, cache_c, cache_r, lengths)
   want = reference(q, q_r, cache_c, cache_r, lengths, SCALE)[0]
-  np.testing.assert_allclose(mla_decode.normalise(o, l), want, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(ops.normalise(o, l), want, atol=1e-4, rtol=1e-4)
   assert mla_decode.supported(s)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from model_helpers import FAST_COMPILE, random_module, tiny
 
-from mla_jax.core.model import Transformer
+from mla_jax.core.model import Transformer, init_cache
 from mla_jax.kvcompress import budget, decode, evict, fastgen, make
 from mla_jax.kvcompress.policy import PolicyError, parse_budget
 
@@ -191,10 +191,9 @@ def test_budget_as_tokens_or_fraction():
 
 @functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=FAST_COMPILE)
 def _prefill_and_reference(graphdef, state, tokens, policy):
-  from mla_jax.core import cache as cache_lib
   model = nnx.merge(graphdef, state)
   _, ours = decode.extend(model, budget.init_cache(model.cfg, policy, 1, 16), tokens, policy)
-  _, ref = model.extend(tokens, cache_lib.init_cache(model.cfg, 1, 16))
+  _, ref = model.extend(tokens, init_cache(model.cfg, 1, 16))
   return ours.layers[0]["aux"], ref.layers[0]
 
 

@@ -9,8 +9,7 @@ import pytest
 from flax import nnx
 from model_helpers import FAST_COMPILE, random_module, tiny
 
-from mla_jax.core import cache as cache_lib
-from mla_jax.core.model import Transformer
+from mla_jax.core.model import Transformer, init_cache
 from mla_jax.kvcompress import budget, decode, make, quant
 
 
@@ -60,7 +59,7 @@ def test_bytes_per_token_follow_the_formula():
 def _reference_cache(graphdef, state, tokens):
   """The ordinary cache filled with tokens [B, T] (jitted: eager extend compiles op by op)."""
   model = nnx.merge(graphdef, state)
-  _, cache = model.extend(tokens, cache_lib.init_cache(model.cfg, tokens.shape[0],
+  _, cache = model.extend(tokens, init_cache(model.cfg, tokens.shape[0],
                                                        tokens.shape[1]))
   return model(tokens), cache
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from mla_jax import distributed
-from scripts import launch_tpu
+from mla_jax import tpu_launch as launch_tpu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = ["--config=configs/lm.py:attn=mla,size=1b", "--workdir=/mnt/shared/runs/mla 1b",

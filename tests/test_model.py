@@ -19,7 +19,7 @@ from model_helpers import tiny as _tiny
 
 from mla_jax.core import cache as cache_lib
 from mla_jax.core.config import ModelConfig, kv_cache_bytes_per_token
-from mla_jax.core.model import Transformer, count_params
+from mla_jax.core.model import Transformer, count_params, init_cache
 
 
 def tiny(**kw):
@@ -109,7 +109,7 @@ def test_cache_bytes_per_token(variant, cache_dtype):
   cfg = tiny(**VARIANTS[variant], cache_dtype=cache_dtype)
   itemsize_ratio = 2 if cache_dtype == "bfloat16" else 1
   assert kv_cache_bytes_per_token(cfg) == HAND_BYTES_PER_TOKEN[variant] // itemsize_ratio
-  cache = cache_lib.init_cache(cfg, 3, 12)
+  cache = init_cache(cfg, 3, 12)
   # Fill 5 slots per row the way the model writes them (float32 values cast to the cache dtype);
   # the float32 cache filled by real decoding is checked in test_prefill_and_decode_match_full...
   lengths = jnp.array([0, 2, 4], jnp.int32)
@@ -123,7 +123,7 @@ def test_cache_bytes_per_token(variant, cache_dtype):
 
 def test_mla_cache_holds_only_latent_and_shared_rope_key():
   cfg = tiny(attention="mla", q_lora_rank=12)  # H = 4; B, S, C, R below avoid the value 4
-  cache = cache_lib.init_cache(cfg, 3, 12)
+  cache = init_cache(cfg, 3, 12)
   assert len(cache.layers) == cfg.n_layers
   for layer in cache.layers:
     assert isinstance(layer, cache_lib.LatentCache)
@@ -145,7 +145,7 @@ def test_decode_step_is_traced_once_across_steps():
   model = random_model(cfg, seed=5)
   graphdef, state = nnx.split(model)
   tokens = jax.random.randint(jax.random.key(6), (3, 13), 0, 64)
-  cache = cache_lib.init_cache(cfg, 3)
+  cache = init_cache(cfg, 3)
   before = gen.decode_step_jit._cache_size()
   steps = []
   for t in range(13):

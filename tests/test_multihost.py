@@ -27,12 +27,12 @@ from mla_jax import distributed
 from mla_jax.core import sharding as shd
 from mla_jax.experiment import ExperimentConfig
 from mla_jax.storage.workdir import Workdir
-from mla_jax.training import trainer
+from mla_jax.training import preflight, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OVERRIDES = {
     "model.d_model": 32, "model.n_layers": 1, "model.kv_lora_rank": 16,
-    "model.qk_rope_head_dim": 4, "data.seq_len": 32, "data.max_bytes": 520_000,
+    "model.qk_rope_head_dim": 4, "data.seq_len": 32, "data.max_bytes": 640_000,
     # A constant rate after one warmup step: the 3-step run and the 6-step run see the same rates.
     "optim.warmup_steps": 1, "optim.schedule": "constant",
     "train.global_batch": 8, "train.log_every": 1, "train.eval_every": 3, "train.ckpt_every": 3,
@@ -134,7 +134,8 @@ def test_checkpoint_restores_to_the_same_parameters_on_any_mesh(runs):
                      jax.tree.leaves(nnx.state(b, nnx.Param)),
                      jax.tree.leaves(nnx.state(ref, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    np.testing.assert_allclose(np.asarray(x), np.asarray(z), rtol=1e-4, atol=1e-6)
+    # Two processes reduce in another order than one: float32 noise (2e-6 seen under jax 0.11.2).
+    np.testing.assert_allclose(np.asarray(x), np.asarray(z), rtol=1e-4, atol=1e-5)
 
 
 # Bad input: one line naming the flag --------------------------------------------------------------
@@ -181,7 +182,7 @@ def test_mesh_errors_name_the_field():
   config.mesh.data = 3
   with pytest.raises(ValueError, match=r"^mesh: data=3 .*\(--config\.mesh\.data/fsdp/tensor/seq"
                                        r"uence\) does not match the 8 devices \(1 process x 8\)"):
-    trainer.check_config(ExperimentConfig.from_config(config))
+    preflight.check_config(ExperimentConfig.from_config(config))
 
 
 def test_unreachable_coordinator_times_out_with_one_line():

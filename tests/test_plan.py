@@ -1,16 +1,16 @@
-"""scripts/plan.py: the ahead-of-time memory plan. For a tiny config on the 8 fake devices its
-parameter, optimizer-state and cache bytes equal those of real arrays with the same shardings."""
+"""mla_jax.planning (scripts/plan.py): the ahead-of-time memory plan. For a tiny config on the 8
+fake devices its parameter, optimizer-state and cache bytes equal those of real arrays with the
+same shardings."""
 
 import jax
 from flax import nnx
 
 from configs import lm
+from mla_jax import planning as plan_lib
 from mla_jax.core import sharding as shd
-from mla_jax.core.cache import init_cache
-from mla_jax.core.model import Transformer
+from mla_jax.core.model import Transformer, init_cache
 from mla_jax.experiment import ExperimentConfig
-from mla_jax.training.trainer import check_config, parse_rules
-from scripts import plan as plan_lib
+from mla_jax.training.preflight import check_config, parse_rules
 
 
 def _real_bytes(tree) -> int:

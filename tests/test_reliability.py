@@ -1,8 +1,8 @@
 """Reliability: exact resume after a crash or preemption, damaged checkpoints, non-finite numbers,
 failing disks, bad configuration and bad input.
 
-The end-to-end drills run train.py in subprocesses (the functions live in scripts/fault_drill.py,
-which also runs them by hand); they are marked `slow` but run by default (deselect with
+The end-to-end drills run train.py in subprocesses (mla_jax/training/drills.py, which
+scripts/fault_drill.py also runs by hand); they are marked `slow` but run by default (deselect with
 `-m "not slow"`). One uninterrupted reference run is shared by the drills that compare with it.
 """
 
@@ -22,8 +22,9 @@ from mla_jax.core.config import ModelConfig  # noqa: E402
 from mla_jax.core.model import Transformer  # noqa: E402
 from mla_jax.storage import checkpoint as ckpt_lib
 from mla_jax.storage.workdir import CONFIG_FILE, Workdir  # noqa: E402
+from mla_jax.training import drill_runner
+from mla_jax.training import drills as fd
 from mla_jax.training.step import TrainState, make_train_step  # noqa: E402
-from scripts import fault_drill as fd
 
 slow = pytest.mark.slow
 
@@ -164,7 +165,7 @@ def test_config_change_refused_or_deliberate(base, ref):
     wd = os.path.join(base, f"change_{name}")
     shutil.copytree(ref.workdir, wd)
     jobs.append((wd, ref.args(*extra)))
-  refused, allowed, shapes = fd.run_parallel(jobs)
+  refused, allowed, shapes = drill_runner.run_parallel(jobs)
 
   assert refused.rc == 1 and "Traceback" not in refused.err, refused.describe()
   assert "model.rope_layout: 'half' -> 'interleaved'" in refused.last_line
@@ -216,7 +217,7 @@ def bad_config_runs(base):
     if extra[0].startswith("--config="):
       args = args[1:]
     jobs.append((os.path.join(base, f"badconfig_{name}"), args + extra))
-  procs = fd.run_parallel(jobs, devices=2)  # 2 devices: data-parallel size 2
+  procs = drill_runner.run_parallel(jobs, devices=2)  # 2 devices: data-parallel size 2
   return {name: (run, wd) for name, run, (wd, _) in zip(BAD_CONFIGS, procs, jobs)}
 
 
@@ -262,8 +263,9 @@ def test_bad_data_is_one_line(base):
       "ids_above_vocab": (["--config.data.source=tokens", f"--config.data.path={d}/tokens"],
                           "has id 4095 outside vocab_size=1000"),
   }
-  runs = fd.run_parallel([(os.path.join(d, name), ["--config=configs/lm.py:size=tiny", *args])
-                          for name, (args, _) in cases.items()])
+  runs = drill_runner.run_parallel(
+      [(os.path.join(d, name), ["--config=configs/lm.py:size=tiny", *args])
+       for name, (args, _) in cases.items()])
   for (name, (_, expected)), run in zip(cases.items(), runs):
     assert run.rc == 1, (name, run.describe())
     assert "Traceback" not in run.err and run.last_line.startswith("error: "), (name,

@@ -18,9 +18,10 @@ import pytest
 from flax import nnx
 from model_helpers import random_module, tiny
 
-from mla_jax.core import decode_sharded, sharding
+from mla_jax.core import sharding
+from mla_jax.core.decode_plan import DecodePlan
 from mla_jax.core.generate import decode_step_jit, generate
-from mla_jax.core.model import Transformer
+from mla_jax.core.model import Transformer, init_cache
 
 PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11]]  # ragged: right-padded, lengths differ
 NEW = 7  # 5 + 7 = 12 slots: 6 per shard on sequence=2, 3 on sequence=4
@@ -53,10 +54,10 @@ def test_sharded_generation_equals_one_device(variant, shape):
 ])
 def test_each_device_holds_its_share_of_the_cache(variant, shape, split):
   cfg = tiny(**CONFIGS[variant])
-  plan = decode_sharded.DecodePlan.make(sharding.make_mesh(shape))
-  cache = decode_sharded.init_cache(cfg, 4, 16, plan)
+  plan = DecodePlan.make(sharding.make_mesh(shape))
+  cache = init_cache(cfg, 4, 16, plan)
   total = sum(x.nbytes for x in jax.tree.leaves(cache.layers))  # lengths [B] aside
-  per_device = decode_sharded.per_device_bytes(cache.layers)
+  per_device = sharding.per_device_bytes(cache.layers)
   assert len(per_device) == 8 and set(per_device.values()) == {total // split}
 
 
@@ -64,8 +65,8 @@ def test_decode_step_keeps_the_sequence_shards():
   """A decode step over a sequence-sharded cache returns it still split 8 ways, the new token
   written on the shard owning its slot; its compiled code gathers nothing."""
   model, _ = model_and_reference("mla")
-  plan = decode_sharded.DecodePlan.make(sharding.make_mesh({"sequence": 8}))
-  cache = decode_sharded.init_cache(model.cfg, 4, 16, plan)
+  plan = DecodePlan.make(sharding.make_mesh({"sequence": 8}))
+  cache = init_cache(model.cfg, 4, 16, plan)
   graphdef, state = nnx.split(model)
   cache = cache.replace(lengths=jnp.array([0, 5, 9, 15], jnp.int32))
   total = sum(x.nbytes for x in jax.tree.leaves(cache.layers))
@@ -73,7 +74,7 @@ def test_decode_step_keeps_the_sequence_shards():
   step = decode_step_jit.lower(graphdef, state, cache, tokens, plan).compile()
   assert "all-gather" not in step.as_text()  # only the partials' all-reduces cross devices
   logits, cache = step(state, cache, tokens)
-  assert set(decode_sharded.per_device_bytes(cache.layers).values()) == {total // 8}
+  assert set(sharding.per_device_bytes(cache.layers).values()) == {total // 8}
   np.testing.assert_array_equal(cache.lengths, [1, 6, 10, 16])
   # Token b went to slot lengths[b]: only that slot of the latent is non-zero in its row.
   c = np.asarray(cache.layers[0].c)

@@ -15,9 +15,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from model_helpers import FAST_COMPILE, tiny
 
-from mla_jax.core import cache as cache_lib
 from mla_jax.core import sharding
-from mla_jax.core.model import Transformer
+from mla_jax.core.model import Transformer, init_cache
 
 CONFIGS = {"gqa2": dict(attention="gqa", n_kv_heads=2), "mqa": dict(attention="mqa"),
            "mla_q8": dict(attention="mla", q_lora_rank=8)}
@@ -135,7 +134,7 @@ def test_sharded_forward_and_decode_equal_unsharded(variant):
   mesh, graphdef, state, _ = build_sharded(variant)
   cfg = tiny(**CONFIGS[variant])
   tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, cfg.vocab_size)
-  empty = cache_lib.init_cache(cfg, 4, 8)
+  empty = init_cache(cfg, 4, 8)
   sharded = _forward_and_decode(graphdef, state,
                                 jax.device_put(tokens, sharding.batch_sharding(mesh)),
                                 jax.device_put(empty, sharding.cache_shardings(empty, mesh)))
@@ -152,7 +151,7 @@ def test_sharded_forward_and_decode_equal_unsharded(variant):
 
 
 def _placed_cache(cfg, mesh, batch):
-  cache = cache_lib.init_cache(cfg, batch, 8)
+  cache = init_cache(cfg, batch, 8)
   shardings = sharding.cache_shardings(cache, mesh)
   return jax.device_put(cache, shardings), shardings
 

@@ -33,7 +33,7 @@ from mla_jax.core.model import Transformer
 from mla_jax.storage import checkpoint as ckpt_lib
 from mla_jax.storage.workdir import CONFIG_FILE, Workdir, load_model
 from mla_jax.training import logger as logger_lib
-from mla_jax.training import trainer
+from mla_jax.training import stop, trainer
 from mla_jax.training.step import TrainState, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ STOP_AT = 15  # run_b is interrupted after this step (not a multiple of ckpt_eve
 OVERRIDES = {
     "model.d_model": 32, "model.n_layers": 1, "model.kv_lora_rank": 16,
     "model.qk_rope_head_dim": 4,
-    "data.seq_len": 32, "data.max_bytes": 520_000,
+    "data.seq_len": 32, "data.max_bytes": 640_000,
     "optim.warmup_steps": 3,
     "train.steps": STEPS, "train.global_batch": 8, "train.log_every": 1, "train.eval_every": 10,
     "train.ckpt_every": 10, "train.keep_ckpts": 2, "train.eval_tokens": 512,
@@ -98,7 +98,7 @@ def flat_params(model_or_state):
 class _Recorder:
   """Patches, for one trainer.train call: the training batches the loop sends to the devices, the
   jitted functions it creates, the shardings of what it checkpoints; optionally SIGTERMs itself
-  after step `stop_at` (through the real signal handler of trainer._StopFlag)."""
+  after step `stop_at` (through the real signal handler of stop.StopFlag)."""
 
   def __init__(self, mp: pytest.MonkeyPatch, stop_at: int | None = None):
     self.batches, self.jitted, self.saved = [], [], {}
@@ -119,7 +119,7 @@ class _Recorder:
         super().dispatched(step, output)
         if step == stop_at:
           handler = signal.getsignal(signal.SIGTERM)
-          assert isinstance(getattr(handler, "__self__", None), trainer._StopFlag), handler
+          assert isinstance(getattr(handler, "__self__", None), stop.StopFlag), handler
           os.kill(os.getpid(), signal.SIGTERM)
 
     class Checkpointer(ckpt_lib.Checkpointer):
@@ -208,7 +208,7 @@ def test_cli_overrides_reach_config_json(run_single, run_a):
   default = lm.get_config(CONFIG_ARG)
   assert default.train.steps != STEPS and default.data.seq_len != 32  # the overrides change these
   assert saved["train"]["steps"] == STEPS
-  assert saved["data"]["seq_len"] == 32 and saved["data"]["max_bytes"] == 520_000
+  assert saved["data"]["seq_len"] == 32 and saved["data"]["max_bytes"] == 640_000
   assert saved["model"]["d_model"] == 32 and saved["model"]["n_layers"] == 1
   assert saved["model"]["vocab_size"] == 256  # 0 in the config: resolved from the byte tokenizer
   assert saved["train"]["peak_flops"] == 2e11

@@ -18,7 +18,7 @@ from mla_jax.core import cache as cache_lib
 from mla_jax.core import yoco
 from mla_jax.core.config import kv_cache_bytes, kv_cache_bytes_per_token
 from mla_jax.core.generate import generate
-from mla_jax.core.model import Transformer
+from mla_jax.core.model import Transformer, init_cache
 
 ATOL = 1e-5
 GLOBAL = {
@@ -87,7 +87,7 @@ def test_padded_prefill_with_n_valid_matches_separate_rows():
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def run(state):
     m = nnx.merge(graphdef, state)
-    _, cache = m.extend(prompts, cache_lib.init_cache(cfg, 2), n_valid=lengths)
+    _, cache = m.extend(prompts, init_cache(cfg, 2), n_valid=lengths)
     logits, _ = m.extend(nxt, cache.replace(lengths=lengths))
     return logits[:, 0], m(whole)
 
@@ -121,14 +121,14 @@ def test_cache_bytes(kind, per_token):
   ring = min(3, 12) * 2 * cfg.kv_heads * 8  # kv: G = 2 -> 96; latent: G = H = 4 -> 192
   assert kv_cache_bytes_per_token(cfg) == per_token * 4
   assert kv_cache_bytes(cfg, 12, batch=5) == 5 * (12 * per_token + ring) * 4
-  cache = jax.eval_shape(lambda: cache_lib.init_cache(cfg, 5, 12))
+  cache = jax.eval_shape(lambda: init_cache(cfg, 5, 12))
   allocated = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers))
   assert allocated == kv_cache_bytes(cfg, 12, batch=5)
   assert cache_lib.cache_bytes_per_token(cache) == allocated / (5 * 12)
   # Against the GQA family at the same head counts: L = 2 layers of 2 * G * K per token.
   assert kv_cache_bytes_per_token(tiny(attention="mha", n_layers=2)) == 2 * 2 * 4 * 8 * 4
   # A window longer than the cache: the rings shrink to S slots.
-  short = jax.eval_shape(lambda: cache_lib.init_cache(cfg, 1, 2))
+  short = jax.eval_shape(lambda: init_cache(cfg, 1, 2))
   assert short.layers[0].k.shape[1] == 2 and kv_cache_bytes(cfg, 2) == sum(
       x.size * x.dtype.itemsize for x in jax.tree.leaves(short.layers))
 

@@ -6,7 +6,8 @@ the new tokens themselves, with one softmax over both; the new tokens are then w
 returned cache (slots `lengths[b] + t`). Attention never reads the written buffer, so the write
 only feeds the returned cache and can update a donated input in place (reading the written buffer
 made XLA:CPU copy the whole cache several times per step: scripts/bench_decode.py); `write_after`
-orders the write after the reads. Scores and softmax are float32 whatever the compute dtype.
+(core/ties.py) orders the write after the reads. The math itself is core/ops.py's; a DecodePlan
+that splits the cache length hands the cached attention to core/decode_sharded.py.
 
 Einsum letters: B batch, T query length, S key / cache length, D width, H heads, G kv heads, M heads
 per kv head, K head dim, N nope dim, R rope dim, E value dim, C latent.
@@ -19,55 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax.core import cache as cache_lib
-from mla_jax.core import decode_sharded, probes
-from mla_jax.core.cache import schedule_after
+from mla_jax.core import decode_sharded, ops, probes
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.layers import RMSNorm, apply_rope, dense, param, rope_angles
-from mla_jax.core.layers import rope_scores as _rope_scores
+from mla_jax.core.ties import schedule_after, write_after
 from mla_jax.kernels import mla_decode
-
-_NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
-
-
-def causal_probs(new: jax.Array, old: jax.Array, lengths: jax.Array):
-  """One softmax over the keys [old cache slots; new tokens] -> (old probs, new probs).
-
-  new [B, ..., T, T] float32 scores of the new tokens against themselves: query t sees t' <= t.
-  old [B, ..., T, S] float32 scores against the cache before this call's write: slot s is visible
-  iff s < lengths[b] (later slots may hold stale right-padding).
-  The scores are concatenated (small: [.., T, S + T]), not the keys, so the cache is never copied.
-  """
-  t, s = new.shape[-1], old.shape[-1]
-  new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new, _NEG)
-  filled = jnp.arange(s) < lengths.reshape(lengths.shape + (1,) * (old.ndim - 1))  # [B, 1.., S]
-  probs = jax.nn.softmax(jnp.concatenate([jnp.where(filled, old, _NEG), new], axis=-1), axis=-1)
-  return probs[..., :s], probs[..., s:]
-
-
-def causal_attention(t: int, block: int, scores, attend) -> jax.Array:
-  """Attention of T tokens over themselves (no cache), one query block at a time.
-
-  scores(rows, end) -> [B, ..., len(rows), end] float32 scores of the queries in slice `rows`
-  against keys [0, end); attend(end, probs) -> [B, len(rows), ...] the probs-weighted values
-  [0, end). Query block [i, i + block) only scores keys [0, i + block): the masked keys after its
-  block are never computed, (n + 1) / 2n of the T x T scores for n blocks. block 0: one block.
-  """
-  outs = []
-  for start in range(0, t, block or t):
-    end = min(start + (block or t), t)
-    visible = jnp.arange(end) <= jnp.arange(start, end)[:, None]  # [rows, end]
-    logits = jnp.where(visible, scores(slice(start, end), end), _NEG)
-    probes.record("max_logit", logits.max())  # training health (no-op unless probing)
-    probs = jax.nn.softmax(logits, axis=-1)
-    outs.append(attend(end, probs))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-
-
-def write_after(buffer: jax.Array, new: jax.Array, lengths: jax.Array, out: jax.Array):
-  """buffer [B, S, ...] with new [B, T, ...] written at slots lengths[b] + t, once the layer's
-  output out [B, T, D] exists. out needs every read of the old buffer, so the write comes after
-  them and XLA updates a donated buffer in place instead of copying it (cache.schedule_after)."""
-  return cache_lib.write(buffer, schedule_after(new, out), lengths)
 
 
 def resolve_attn_impl(impl: str, dtype, dims: tuple[int, ...]) -> str:
@@ -85,23 +42,6 @@ def resolve_attn_impl(impl: str, dtype, dims: tuple[int, ...]) -> str:
                                                                   for d in dims)
     return "cudnn" if ok else "blocked"
   return "xla" if backend == "tpu" else "blocked"
-
-
-def fused_causal_attention(q, k, v, scale: float, impl: str) -> jax.Array:
-  """Causal self-attention of T tokens through jax.nn.dot_product_attention ('xla' | 'cudnn').
-
-  q [B, T, H, K], k [B, T, G, K], v [B, T, G, E] (query head h reads kv head h // (H / G), as
-  GQAttention groups them) -> [B, T, H, E]. The function needs one head dim for q, k and v: when
-  E != K (MLA) the narrower side is zero-padded, which changes no score (zeros add nothing to
-  q . k) and no output column that is kept (the padded value columns are sliced off).
-  """
-  kd, e = q.shape[-1], v.shape[-1]
-  width = max(kd, e)
-  pad = lambda x: x if x.shape[-1] == width else jnp.pad(
-      x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
-  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v.astype(k.dtype)), scale=scale,
-                                     is_causal=True, implementation=impl)
-  return out[..., :e]
 
 
 class GQAttention(nnx.Module):
@@ -133,54 +73,62 @@ class GQAttention(nnx.Module):
     cos, sin = rope_angles(positions, cfg.qk_head_dim, cfg.rope_theta)
     return apply_rope(q, cos, sin, cfg.rope_layout), apply_rope(k, cos, sin, cfg.rope_layout), v
 
-  def __call__(self, x, positions, cache: cache_lib.KVCache | None = None, lengths=None):
-    """x [B, T, D], positions [B, T] -> (out [B, T, D], cache); cache as in MLAttention."""
+  @staticmethod
+  def init_cache(cfg: ModelConfig, batch: int, slots: int) -> cache_lib.KVCache:
+    """Zeros for `batch` sequences of `slots` tokens: k, v [B, S, G, K]."""
+    shape = (batch, slots, cfg.kv_heads, cfg.qk_head_dim)
+    return cache_lib.KVCache(k=jnp.zeros(shape, cfg.kv_cache_dtype),
+                             v=jnp.zeros(shape, cfg.kv_cache_dtype))
+
+  def __call__(self, x, positions, cache: cache_lib.KVCache | None = None, lengths=None, *,
+               plan=None):
+    """x [B, T, D], positions [B, T] -> (out [B, T, D], cache); cache as in MLAttention. plan: a
+    DecodePlan (core/decode_plan.py) whose sequence axis splits the cache, or None."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    c = lambda p: p[...].astype(dt)
     q, k, v = self._project(x, positions)
     probes.record("q_rms", probes.rms(q))
     probes.record("k_rms", probes.rms(k))
     b, t, h, kd = q.shape
-    g = k.shape[2]
+    g, scale = k.shape[2], kd ** -0.5
     q = q.reshape(b, t, g, h // g, kd)  # M = H / G query heads per kv head
-    scores = lambda keys, rows=slice(None): jnp.einsum(
-        "BTGMK,BSGK->BGMTS", q[:, rows], keys, preferred_element_type=jnp.float32) * kd ** -0.5
-    # Operand order matters on XLA:CPU: with probs first, this decode-shaped dot (contracting the
-    # long S axis) runs ~2-7x slower than with the cache first (scripts/bench_decode.py).
-    attend = lambda values, probs: jnp.einsum("BSGK,BGMTS->BTGMK", values, probs.astype(dt))
-    out_proj = lambda o: dense(o.reshape(b, t, h, kd), c(self.wo), n_in=2)
+    out_proj = lambda o: dense(o.reshape(b, t, h, kd), self.wo[...].astype(dt), n_in=2)
     if cache is None:
       impl = resolve_attn_impl(cfg.attn_impl, dt, (kd,))
       if impl != "blocked" and not probes.active():  # probes read the blocked path's max logit
-        o = fused_causal_attention(q.reshape(b, t, h, kd), k, v, kd ** -0.5, impl)
-        return out_proj(o), None
-      o = causal_attention(t, cfg.attn_block, lambda rows, end: scores(k[:, :end], rows),
-                           lambda end, probs: attend(v[:, :end], probs))
+        return out_proj(ops.fused_causal_attention(q.reshape(b, t, h, kd), k, v, scale, impl)), None
+      o = ops.causal_attention(t, cfg.attn_block,
+                               lambda rows, end: ops.gqa_scores(q[:, rows], k[:, :end], scale),
+                               lambda end, probs: ops.gqa_attend(v[:, :end], probs, dt))
       return out_proj(o), None
     k, v = cache_lib.as_stored(k, cache.k), cache_lib.as_stored(v, cache.v)
-    plan = decode_sharded.current()
     if plan is not None and plan.shards_sequence:  # cache length split over the mesh
-      o, new_cache = decode_sharded.gqa_attend(plan, q, k, v, cache, lengths, kd ** -0.5, dt)
+      o, new_cache = decode_sharded.gqa_attend(plan, q, k, v, cache, lengths, scale, dt)
       return out_proj(o), new_cache
     # With G > 1 the dots first relayout the cache to [B, G, S, K] (a full copy): tie each copy to
-    # what it waits for, keys to k and values to the probs (see cache.schedule_after).
+    # what it waits for, keys to k and values to the probs (core/ties.py).
     tie = schedule_after if g > 1 else lambda x, dep: x
-    p_old, p_new = causal_probs(scores(k), scores(tie(cache.k.astype(dt), k)), lengths)
-    out = out_proj(attend(tie(cache.v.astype(dt), p_old), p_old) + attend(v, p_new))
+    s_new = ops.gqa_scores(q, k, scale)
+    p_old, p_new = ops.cached_probs(ops.gqa_scores(q, tie(cache.k.astype(dt), k), scale), s_new,
+                                    lengths)
+    out = out_proj(ops.gqa_attend(tie(cache.v.astype(dt), p_old), p_old, dt)
+                   + ops.gqa_attend(v, p_new, dt))
     return out, cache_lib.KVCache(k=write_after(cache.k, k, lengths, out),
                                   v=write_after(cache.v, v, lengths, out))
 
 
 # Multi-head Latent Attention ----------------------------------------------------------------------
-# The projections are one method (MLAttention._project); attention itself is one of three functions
-# with the same arguments and result: mla_naive (the paper's equations), mla_absorbed (the
-# matrix-absorbed form for decode) and mla_pallas (mla_absorbed with its cached block as one fused
-# kernel, kernels/mla_decode.py). All take the new tokens' queries q_nope [B, T, H, N], q_rope
-# [B, T, H, R], latents c [B, T, C] and rope key k_rope [B, T, R], and wkv_b [C, H, N + E] (per
-# head W_UK, then W_UV), and return o [B, T, H, E] (before wo). Without `past` the T tokens attend
-# causally to themselves, `block` queries at a time (causal_attention); with past = (c [B, S, C],
-# k_rope [B, S, R]), the cache before this call with lengths [B] slots filled, they attend over
-# [past; new tokens] with one softmax (causal_probs).
+# The projections are one method (MLAttention._project); attention itself is one of two functions
+# with the same arguments and result: mla_naive (the paper's equations) and mla_absorbed (W_UK
+# absorbed into the query, then a latent backend over [c ; k_R], then W_UV). The latent backends:
+# latent_einsum (ops' einsums; jax.nn.dot_product_attention with `fused`), latent_pallas (the
+# cached block as one fused kernel, kernels/mla_decode.py), decode_sharded.latent_attend (a
+# sequence-split cache) and kvcompress/decode.py's budget cache. mla_naive and mla_absorbed take
+# the new tokens' queries q_nope [B, T, H, N], q_rope [B, T, H, R], latents c [B, T, C] and rope
+# key k_rope [B, T, R], and wkv_b [C, H, N + E] (per head W_UK, then W_UV), and return
+# o [B, T, H, E] (before wo). Without `past` the T tokens attend causally to themselves, `block`
+# queries at a time (ops.causal_attention); with past = (c [B, S, C], k_rope [B, S, R]), the cache
+# before this call with lengths [B] slots filled, they attend over [past; new tokens] with one
+# softmax (ops.cached_probs).
 
 
 def _rope_key_per_head(k_rope: jax.Array, h: int) -> jax.Array:
@@ -201,7 +149,7 @@ def mla_naive(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=N
   Rebuilds H * (N + E) numbers per slot: for training and prefill, where T ~ S; 20x slower than
   mla_absorbed at 16k decode (scripts/bench_decode.py). fused ('xla' | 'cudnn'), without past:
   the causal attention runs in jax.nn.dot_product_attention over keys [k_C ; k_R] of N + R dims
-  and values of E dims (fused_causal_attention pads them to one width).
+  and values of E dims (ops.fused_causal_attention pads them to one width).
   """
   n, dt = q_nope.shape[-1], wkv_b.dtype
   w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
@@ -209,7 +157,7 @@ def mla_naive(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=N
 
   def scores(k_c, k_r, rows=slice(None)):  # [B, S, H, N], [B, S, R] -> [B, H, T, S]
     nope = jnp.einsum("BTHN,BSHN->BHTS", q_nope[:, rows], k_c, preferred_element_type=jnp.float32)
-    return (nope + _rope_scores(q_rope[:, rows], k_r)) * scale
+    return (nope + ops.rope_scores(q_rope[:, rows], k_r)) * scale
 
   attend = lambda v, probs: jnp.einsum("BHTS,BSHE->BTHE", probs.astype(dt), v)  # -> [B, T, H, E]
   if past is None:
@@ -217,20 +165,21 @@ def mla_naive(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=N
     if fused:
       q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [B, T, H, N + R]
       k = jnp.concatenate([k_c, _rope_key_per_head(k_rope, q_nope.shape[2]).astype(dt)], axis=-1)
-      return fused_causal_attention(q, k, v, scale, fused)
-    return causal_attention(q_nope.shape[1], block,
-                            lambda rows, end: scores(k_c[:, :end], k_rope[:, :end], rows),
-                            lambda end, probs: attend(v[:, :end], probs))
+      return ops.fused_causal_attention(q, k, v, scale, fused)
+    return ops.causal_attention(q_nope.shape[1], block,
+                                lambda rows, end: scores(k_c[:, :end], k_rope[:, :end], rows),
+                                lambda end, probs: attend(v[:, :end], probs))
   c_old, k_rope_old = past
   # Decompressing the cache makes full [B, S, H, *] copies: tie each to what it waits for, keys to
-  # the new latents and values to the probs (see cache.schedule_after), as GQA ties its relayouts.
-  p_old, p_new = causal_probs(scores(dense(c, w_uk), k_rope),
-                              scores(dense(schedule_after(c_old, c), w_uk), k_rope_old), lengths)
+  # the new latents and values to the probs (core/ties.py), as GQA ties its relayouts.
+  s_new = scores(dense(c, w_uk), k_rope)
+  p_old, p_new = ops.cached_probs(scores(dense(schedule_after(c_old, c), w_uk), k_rope_old), s_new,
+                                  lengths)
   return attend(dense(schedule_after(c_old, p_old), w_uv), p_old) + attend(dense(c, w_uv), p_new)
 
 
 def mla_absorbed(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=None,
-                 fused=None):
+                 fused=None, backend=None):
   """The same attention with W_UK folded into the query and W_UV applied after attending, so it
   runs over the C-wide latents directly, like MQA with one shared key [c; k_R] and value c:
 
@@ -240,66 +189,67 @@ def mla_absorbed(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, length
     o[t, h] = W_UV,h o~[t, h]                                               [B, T, H, E]
 
   Equal to mla_naive: q_N . (W_UK c) = (W_UK^T q_N) . c and sum_j p_j W_UV c_j = W_UV sum_j p_j c_j.
-  Reads C + R numbers per slot and nothing per head: the decode path. fused ('xla' | 'cudnn'),
-  without past and with one shared rope key: jax.nn.dot_product_attention as MQA, one kv head
-  with key [c ; k_R] (C + R dims) and value c (C dims).
+  Reads C + R numbers per slot and nothing per head: the decode path. The middle two lines are
+  the latent backend (default latent_einsum; latent_pallas).
   """
   n, dt = q_nope.shape[-1], wkv_b.dtype
   w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
   scale = (n + q_rope.shape[-1]) ** -0.5
-  q_c = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
+  o = (backend or latent_einsum)(ops.absorb_query(q_nope, w_uk), q_rope, c, k_rope, scale, dt,
+                                 block=block, past=past, lengths=lengths, fused=fused)
+  return ops.expand_values(o, w_uv)  # W_UV once, after both key blocks
 
-  def scores(c_, k_r, rows=slice(None)):  # [B, S, C], [B, S, R] -> [B, H, T, S]
-    nope = jnp.einsum("BTHC,BSC->BHTS", q_c[:, rows], c_, preferred_element_type=jnp.float32)
-    return (nope + _rope_scores(q_rope[:, rows], k_r)) * scale
 
-  # Cache operand first: ~3.5x faster on XLA:CPU than "BHTS,BSC->BTHC" (see GQAttention).
-  attend = lambda c_, probs: jnp.einsum("BSC,BHTS->BTHC", c_, probs.astype(dt))  # -> [B, T, H, C]
+def latent_einsum(q_c, q_rope, c, k_rope, scale, dt, *, block=0, past=None, lengths=None,
+                  fused=None):
+  """Absorbed attention over latents: q_c [B, T, H, C], q_rope [B, T, H, R], the new tokens'
+  c [B, T, C] and k_rope [B, T, R] (or [B, T, G_R, R]), past as mla_absorbed's -> o~ [B, T, H, C]
+  in dt. fused ('xla' | 'cudnn'), without past and with one shared rope key:
+  jax.nn.dot_product_attention as MQA, one kv head with key [c ; k_R] (C + R dims) and value c."""
   if past is None and fused and k_rope.ndim == 3:
     q = jnp.concatenate([q_c, q_rope], axis=-1)  # [B, T, H, C + R]
     k = jnp.concatenate([c, k_rope], axis=-1)[:, :, None]  # [B, T, 1, C + R]
-    o = fused_causal_attention(q, k, c[:, :, None], scale, fused)  # [B, T, H, C]
-  elif past is None:
-    o = causal_attention(q_nope.shape[1], block,
-                         lambda rows, end: scores(c[:, :end], k_rope[:, :end], rows),
-                         lambda end, probs: attend(c[:, :end], probs))
-  else:
-    c_old, k_rope_old = past
-    p_old, p_new = causal_probs(scores(c, k_rope), scores(c_old, k_rope_old), lengths)
-    o = attend(c_old, p_old) + attend(c, p_new)
-  return jnp.einsum("BTHC,CHE->BTHE", o, w_uv)  # W_UV once, after both key blocks
+    return ops.fused_causal_attention(q, k, c[:, :, None], scale, fused)  # [B, T, H, C]
+  if past is None:
+    return ops.causal_attention(
+        q_c.shape[1], block,
+        lambda rows, end: ops.latent_scores(q_c[:, rows], q_rope[:, rows], c[:, :end],
+                                            k_rope[:, :end], scale),
+        lambda end, probs: ops.latent_attend(c[:, :end], probs, dt))
+  c_old, k_rope_old = past
+  s_new = ops.latent_scores(q_c, q_rope, c, k_rope, scale)
+  p_old, p_new = ops.cached_probs(ops.latent_scores(q_c, q_rope, c_old, k_rope_old, scale), s_new,
+                                  lengths)
+  return ops.latent_attend(c_old, p_old, dt) + ops.latent_attend(c, p_new, dt)
 
 
-def mla_pallas(q_nope, q_rope, c, k_rope, wkv_b, *, block=0, past=None, lengths=None):
-  """mla_absorbed with the cached block as one fused Pallas kernel that reads each cached latent
+def latent_pallas(q_c, q_rope, c, k_rope, scale, dt, *, block=0, past=None, lengths=None,
+                  fused=None):
+  """latent_einsum with the cached block as one fused Pallas kernel that reads each cached latent
   once (kernels/mla_decode.py; on CPU it runs in interpret mode: slow, for tests). The kernel
   returns the unnormalised softmax partial (o~, max, sum) over the filled slots; the new tokens'
   own block (causal among themselves) is merged with it by the same log-sum-exp combine.
   past may be stored in another dtype than the queries: the kernel casts each tile as it reads it.
-  Without past (training, prefill without a cache) this is mla_absorbed.
-  """
+  Without past (training, prefill without a cache) this is latent_einsum's blocked path."""
+  del fused  # the kernel is decode-only; without past the einsums run unfused
   if past is None:
-    return mla_absorbed(q_nope, q_rope, c, k_rope, wkv_b, block=block)
-  n, dt = q_nope.shape[-1], wkv_b.dtype
-  w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
-  scale = (n + q_rope.shape[-1]) ** -0.5
-  q_c = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
+    return latent_einsum(q_c, q_rope, c, k_rope, scale, dt, block=block)
   b, t, h, latent = q_c.shape
   # Every new token sees the same filled slots, so the T x H queries are the kernel's heads.
   o_old, m_old, l_old = mla_decode.mla_decode_partial(
       q_c.reshape(b, t * h, latent), q_rope.reshape(b, t * h, -1), *past, lengths, scale)
-  new = (jnp.einsum("BTHC,BSC->BHTS", q_c, c, preferred_element_type=jnp.float32)
-         + _rope_scores(q_rope, k_rope)) * scale  # [B, H, T, T]
-  new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new, _NEG)
-  m_new = new.max(axis=-1)
-  p_new = jnp.exp(new - m_new[..., None])
-  o_new = jnp.einsum("BSC,BHTS->BTHC", c, p_new.astype(dt)).astype(jnp.float32)
+  o_new, m_new, l_new = ops.partial(
+      ops.latent_scores(q_c, q_rope, c, k_rope, scale), ops.causal_mask(t),
+      lambda p: ops.latent_attend(c, p, dt).astype(jnp.float32))  # m, l [B, H, T]
   to_bth = lambda x: jnp.moveaxis(x, 1, 2)  # [B, H, T] -> [B, T, H]
-  o, _, l = mla_decode.combine_partials(
-      jnp.stack([o_old.reshape(b, t, h, latent), o_new], axis=1),
-      jnp.stack([m_old.reshape(b, t, h), to_bth(m_new)], axis=1),
-      jnp.stack([l_old.reshape(b, t, h), to_bth(p_new.sum(axis=-1))], axis=1))
-  return jnp.einsum("BTHC,CHE->BTHE", (o / l[..., None]).astype(dt), w_uv)
+  o = ops.merge_partials([(o_old.reshape(b, t, h, latent), m_old.reshape(b, t, h),
+                           l_old.reshape(b, t, h)), (o_new, to_bth(m_new), to_bth(l_new))])
+  return o.astype(dt)
+
+
+def mla_pallas(q_nope, q_rope, c, k_rope, wkv_b, **kw):
+  """mla_absorbed with the latent_pallas backend."""
+  return mla_absorbed(q_nope, q_rope, c, k_rope, wkv_b, backend=latent_pallas, **kw)
 
 
 MLA_PATHS = {"naive": mla_naive, "absorbed": mla_absorbed, "pallas": mla_pallas}
@@ -407,56 +357,87 @@ class MLAttention(nnx.Module):
     k_rope = apply_rope(k_rope, jnp.cos(angles), jnp.sin(angles), cfg.rope_layout)
     return q_nope, q_rope, latent, k_rope if g > 1 else k_rope[..., 0, :], wkv_b
 
-  def __call__(self, x, positions, cache: cache_lib.LatentCache | None = None, lengths=None,
-               impl: str | None = None):
+  @staticmethod
+  def init_cache(cfg: ModelConfig, batch: int, slots: int) -> cache_lib.LatentCache:
+    """Zeros for `batch` sequences of `slots` tokens: c [B, S, C], k_rope [B, S, G_R * R]."""
+    dt = cfg.kv_cache_dtype
+    return cache_lib.LatentCache(
+        c=jnp.zeros((batch, slots, cfg.kv_lora_rank), dt),
+        k_rope=jnp.zeros((batch, slots, cfg.mla_rope_kv_heads * cfg.qk_rope_head_dim), dt))
+
+  def __call__(self, x, positions, cache: cache_lib.LatentCache | None = None, lengths=None, *,
+               impl: str | None = None, plan=None):
     """x [B, T, D], positions [B, T] -> (out [B, T, D], cache).
 
     cache: this layer's LatentCache (S slots, lengths [B] of them filled) or None. The new tokens
     attend over the filled slots and themselves, then are written at slots lengths[b] + t of the
     returned cache. impl ('naive' | 'absorbed' | 'pallas' | 'auto') overrides the config's choice,
     mla_decode_impl for one-token steps with a cache and mla_prefill_impl otherwise; all give the
-    same output ('auto': resolve_mla_impl).
+    same output ('auto': resolve_mla_impl). plan: as GQAttention's; a sequence-split cache runs
+    the absorbed form per shard (decode_sharded.latent_attend) whatever impl says.
     """
-    cfg, dt = self.cfg, self.cfg.compute_dtype
     q_nope, q_rope, latent, k_rope, wkv_b = self._project(x, positions)
-    if probes.active():  # training health: the latent after kv_norm, queries, the rope key
-      probes.record("latent_rms", probes.rms(latent))
-      probes.record("q_rms", probes.rms(jnp.concatenate([q_nope, q_rope], axis=-1)))
-      probes.record("k_rope_rms", probes.rms(k_rope))
-    if impl is None:
-      one_token = cache is not None and x.shape[1] == 1
-      impl = cfg.mla_decode_impl if one_token else cfg.mla_prefill_impl
-    impl = resolve_mla_impl(impl, 0 if cache is None else cache.c.shape[1])
-    if impl == "pallas" and cfg.mla_rope_kv_heads > 1:  # the kernel reads one shared rope key
-      impl = "absorbed"
-    attention = MLA_PATHS[impl]
-    wo = self.wo[...].astype(dt)
+    _probe(q_nope, q_rope, latent, k_rope)
+    impl = self._impl(impl, cache, x.shape[1])
+    wo = self.wo[...].astype(self.cfg.compute_dtype)
     if cache is None:
-      kw = {}
-      if attention is not mla_pallas:
-        n, r, e = cfg.nope_dim, cfg.qk_rope_head_dim, cfg.v_dim
-        dims = (max(n + r, e),) if attention is mla_naive else (cfg.kv_lora_rank + r,)
-        fused = resolve_attn_impl(cfg.attn_impl, dt, dims)
-        if fused != "blocked" and not probes.active():  # probes read the blocked max logit
-          kw["fused"] = fused
-      o = attention(q_nope, q_rope, latent, k_rope, wkv_b, block=cfg.attn_block, **kw)
-      return dense(o, wo, n_in=2), None
+      return dense(self._self_attention(impl, q_nope, q_rope, latent, k_rope, wkv_b), wo,
+                   n_in=2), None
     latent = cache_lib.as_stored(latent, cache.c)
     k_rope = cache_lib.as_stored(k_rope, cache.k_rope)
-    plan = decode_sharded.current()
     if plan is not None and plan.shards_sequence:  # cache length split: absorbed, per shard
-      n = cfg.nope_dim
-      q_c = jnp.einsum("BTHN,CHN->BTHC", q_nope, wkv_b[..., :n])
-      o, new_cache = decode_sharded.mla_attend(plan, q_c, q_rope, latent, k_rope, cache, lengths,
-                                               (n + cfg.qk_rope_head_dim) ** -0.5, dt)
-      return dense(jnp.einsum("BTHC,CHE->BTHE", o, wkv_b[..., n:]), wo, n_in=2), new_cache
-    past = (cache.c, cache.k_rope)  # the kernel casts tiles as it reads them: no converted copy
-    if attention is not mla_pallas:
-      past = (cache.c.astype(dt), cache.k_rope.astype(dt))
-    if k_rope.ndim == 4:  # per-group rope keys: cached flat [B, S, G_R * R]
-      past = (past[0], past[1].reshape(past[1].shape[:2] + k_rope.shape[2:]))
-    o = attention(q_nope, q_rope, latent, k_rope, wkv_b, past=past, lengths=lengths)
+      return self._sharded(plan, q_nope, q_rope, latent, k_rope, wkv_b, wo, cache, lengths)
+    o = MLA_PATHS[impl](q_nope, q_rope, latent, k_rope, wkv_b, past=self._past(impl, cache, k_rope),
+                        lengths=lengths)
     out = dense(o, wo, n_in=2)
     k_flat = k_rope.reshape(k_rope.shape[:2] + (-1,))  # [B, T, R] or [B, T, G_R * R]
     return out, cache_lib.LatentCache(c=write_after(cache.c, latent, lengths, out),
                                       k_rope=write_after(cache.k_rope, k_flat, lengths, out))
+
+  def _impl(self, impl, cache, t: int) -> str:
+    """The path: mla_decode_impl for one-token steps with a cache, else mla_prefill_impl (or the
+    caller's impl), 'auto' resolved; the kernel reads one shared rope key only."""
+    cfg = self.cfg
+    if impl is None:
+      impl = cfg.mla_decode_impl if cache is not None and t == 1 else cfg.mla_prefill_impl
+    impl = resolve_mla_impl(impl, 0 if cache is None else cache.c.shape[1])
+    return "absorbed" if impl == "pallas" and cfg.mla_rope_kv_heads > 1 else impl
+
+  def _self_attention(self, impl, q_nope, q_rope, latent, k_rope, wkv_b):
+    """No cache: the T tokens over themselves -> o [B, T, H, E]; through
+    jax.nn.dot_product_attention where attn_impl resolves to it (not for the kernel's path)."""
+    cfg, kw = self.cfg, {}
+    if impl != "pallas":
+      n, r, e = cfg.nope_dim, cfg.qk_rope_head_dim, cfg.v_dim
+      dims = (max(n + r, e),) if impl == "naive" else (cfg.kv_lora_rank + r,)
+      fused = resolve_attn_impl(cfg.attn_impl, cfg.compute_dtype, dims)
+      if fused != "blocked" and not probes.active():  # probes read the blocked max logit
+        kw["fused"] = fused
+    return MLA_PATHS[impl](q_nope, q_rope, latent, k_rope, wkv_b, block=cfg.attn_block, **kw)
+
+  def _past(self, impl, cache, k_rope):
+    """The cache's (c, k_rope) for the paths: in the compute dtype (the kernel casts tiles as it
+    reads them: no converted copy), per-group rope keys [B, S, G_R, R]."""
+    past = (cache.c, cache.k_rope)
+    if impl != "pallas":
+      dt = self.cfg.compute_dtype
+      past = (cache.c.astype(dt), cache.k_rope.astype(dt))
+    if k_rope.ndim == 4:  # per-group rope keys: cached flat [B, S, G_R * R]
+      past = (past[0], past[1].reshape(past[1].shape[:2] + k_rope.shape[2:]))
+    return past
+
+  def _sharded(self, plan, q_nope, q_rope, latent, k_rope, wkv_b, wo, cache, lengths):
+    """Absorb, the sequence-sharded latent backend (which writes the cache on its shards), W_UV."""
+    cfg, n = self.cfg, self.cfg.nope_dim
+    o, new_cache = decode_sharded.latent_attend(
+        plan, ops.absorb_query(q_nope, wkv_b[..., :n]), q_rope, latent, k_rope, cache, lengths,
+        (n + cfg.qk_rope_head_dim) ** -0.5, cfg.compute_dtype)
+    return dense(ops.expand_values(o, wkv_b[..., n:]), wo, n_in=2), new_cache
+
+
+def _probe(q_nope, q_rope, latent, k_rope) -> None:
+  """Training health: the latent after kv_norm, the queries, the rope key."""
+  if probes.active():
+    probes.record("latent_rms", probes.rms(latent))
+    probes.record("q_rms", probes.rms(jnp.concatenate([q_nope, q_rope], axis=-1)))
+    probes.record("k_rope_rms", probes.rms(k_rope))

@@ -23,6 +23,11 @@ MLA_IMPLS = ("naive", "absorbed")  # mla_prefill_impl
 # mla_decode_impl: also the fused Pallas kernel (kernels/mla_decode.py; interpret mode on CPU) and
 # "auto" (the kernel on one GPU, else the absorbed einsums: attention.resolve_mla_impl).
 MLA_DECODE_IMPLS = MLA_IMPLS + ("pallas", "auto")
+# How the model runs, not what it computes: each choice gives the same function of the same
+# parameters (to rounding), so a workdir switches them freely (training/preflight.check_workdir),
+# and so do DMC's training-loss settings, which shape no parameter and no inference.
+EXECUTION_FIELDS = ("mla_prefill_impl", "mla_decode_impl", "attn_block", "attn_impl", "remat")
+TRAINING_LOSS_FIELDS = ("dmc_target", "dmc_ramp_steps", "dmc_temperature", "dmc_loss_weight")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -182,6 +187,11 @@ class ModelConfig:
     """Fields whose values differ: {name: (self's, other's)}."""
     a, b = self.to_dict(), other.to_dict()
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+  def architecture_diff(self, other: "ModelConfig") -> dict[str, tuple[Any, Any]]:
+    """diff() without the execution and training-loss fields: what makes another model."""
+    free = EXECUTION_FIELDS + TRAINING_LOSS_FIELDS
+    return {k: v for k, v in self.diff(other).items() if k not in free}
 
 
 def _fail(field: str, msg: str):

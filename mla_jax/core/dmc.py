@@ -32,52 +32,18 @@ K head dim.
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax.core import cache as cache_lib
-from mla_jax.core.attention import GQAttention, causal_attention
+from mla_jax.core import ops
+from mla_jax.core.attention import GQAttention
+from mla_jax.core.cache import DMCCache
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.layers import apply_rope, dense, rope_angles
 
 ALPHA_BIAS = -5.0  # added to the decision neuron: start at "append"
-_NEG = -1e30  # finite "minus infinity", as attention.py masks
-COUNT_AXES = ("cache_batch", "cache_kv_heads")
-
-
-@flax.struct.dataclass
-class DMCCache:
-  """One layer: k, v [B, S, G, K] (keys rotated, slot s of head g live iff s < n[b, g]),
-  n [B, G] int32 slots used, z [B, G] float32 importance sum of each head's last slot."""
-  k: jax.Array
-  v: jax.Array
-  n: jax.Array
-  z: jax.Array
-
-  @property
-  def axes(self):
-    return DMCCache(k=cache_lib.KV_AXES, v=cache_lib.KV_AXES, n=COUNT_AXES, z=COUNT_AXES)
-
-
-@flax.struct.dataclass
-class DMCExtra:
-  """What a DMC layer needs beyond x: n_valid [B] real tokens of a padded prefill (None: all),
-  rng for relaxed training decisions (None: hard)."""
-  n_valid: Any = None
-  rng: Any = None
-
-
-def init_layers(cfg: ModelConfig, batch: int, s: int) -> tuple:
-  shape = (batch, s, cfg.kv_heads, cfg.qk_head_dim)
-  dt = cfg.kv_cache_dtype
-  counts = (batch, cfg.kv_heads)
-  return tuple(DMCCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
-                        n=jnp.zeros(counts, jnp.int32), z=jnp.zeros(counts, jnp.float32))
-               for _ in range(cfg.n_layers))
 
 
 def relaxed_decisions(cfg: ModelConfig, logit: jax.Array, rng=None):
@@ -95,7 +61,7 @@ def relaxed_decisions(cfg: ModelConfig, logit: jax.Array, rng=None):
     return (jnp.where(first, 0.0, jax.nn.sigmoid(x)),
             jnp.where(first, 0.0, jax.nn.log_sigmoid(-x)))
   merge = merge.at[:, 0].set(False)
-  return merge.astype(jnp.float32), jnp.where(merge, _NEG, 0.0)
+  return merge.astype(jnp.float32), jnp.where(merge, ops.NEG, 0.0)
 
 
 def merged_states(k, v, alpha, omega):
@@ -132,34 +98,40 @@ class DMCAttention(GQAttention):
     q, k = apply_rope(q, cos, sin, cfg.rope_layout), apply_rope(k, cos, sin, cfg.rope_layout)
     return q.reshape(b, t, g, h // g, kd), k, v, logit, omega
 
-  def __call__(self, x, positions, cache: DMCCache | None = None, lengths=None,
-               extra: DMCExtra | None = None):
+  @staticmethod
+  def init_cache(cfg: ModelConfig, batch: int, slots: int) -> DMCCache:
+    """Zeros for `batch` sequences of `slots` slots per kv head, none in use (n = 0)."""
+    shape, counts = (batch, slots, cfg.kv_heads, cfg.qk_head_dim), (batch, cfg.kv_heads)
+    return DMCCache(k=jnp.zeros(shape, cfg.kv_cache_dtype), v=jnp.zeros(shape, cfg.kv_cache_dtype),
+                    n=jnp.zeros(counts, jnp.int32), z=jnp.zeros(counts, jnp.float32))
+
+  def __call__(self, x, positions, cache: DMCCache | None = None, lengths=None, *,
+               n_valid=None, rng=None):
     """x [B, T, D], positions [B, T] -> (out [B, T, D], new DMCCache), or without a cache
-    (out, fraction of appended slots [] float32: 1 / this layer's compression)."""
+    (out, fraction of appended slots [] float32: 1 / this layer's compression). n_valid [B]: the
+    real tokens of a padded prefill (None: all); rng: relaxed training decisions (None: hard)."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    extra = extra or DMCExtra()
     q, k, v, logit, omega = self._project(x, positions)
     b, t, g, m, kd = q.shape
     out_proj = lambda o: dense(o.reshape(b, t, g * m, kd), self.wo[...].astype(dt), n_in=2)
     if cache is None:
-      alpha, log_keep = relaxed_decisions(cfg, logit, extra.rng)
+      alpha, log_keep = relaxed_decisions(cfg, logit, rng)
       k_m, v_m = merged_states(k, v, alpha, omega)
       # Key j < t stays a separate slot for query t iff token j + 1 appended: log(1 - alpha_{j+1}).
       keep = jnp.concatenate([log_keep[:, 1:], jnp.zeros_like(log_keep[:, :1])], axis=1)
       keep = keep.transpose(0, 2, 1)[:, :, None, None, :]  # [B, G, 1, 1, T]
 
       def scores(rows, end):
-        s = jnp.einsum("BTGMK,BSGK->BGMTS", q[:, rows], k_m[:, :end],
-                       preferred_element_type=jnp.float32) * kd ** -0.5
+        s = ops.gqa_scores(q[:, rows], k_m[:, :end], kd ** -0.5)
         earlier = jnp.arange(end) < jnp.arange(rows.start, rows.stop)[:, None]  # [rows, end]
         return s + jnp.where(earlier, keep[..., :end], 0.0)
 
-      attend = lambda end, probs: jnp.einsum("BSGK,BGMTS->BTGMK", v_m[:, :end], probs.astype(dt))
-      o = causal_attention(t, cfg.attn_block, scores, attend)
+      attend = lambda end, probs: ops.gqa_attend(v_m[:, :end], probs, dt)
+      o = ops.causal_attention(t, cfg.attn_block, scores, attend)
       return out_proj(o), 1.0 - jnp.mean(alpha)
     merge = logit > 0 if cfg.dmc_decisions == "learned" else jnp.full(
         logit.shape, cfg.dmc_decisions == "merge")
-    n_valid = jnp.full((b,), t) if extra.n_valid is None else extra.n_valid
+    n_valid = jnp.full((b,), t) if n_valid is None else n_valid
     valid = jnp.arange(t) < n_valid[:, None]  # [B, T]: padding is neither merged nor appended
     o, new_cache = decode_tokens(cache, q, cache_lib.as_stored(k, cache.k),
                                  cache_lib.as_stored(v, cache.v), merge, omega, valid, dt)
@@ -197,11 +169,10 @@ def decode_tokens(cache: DMCCache, q, k, v, merge, omega, valid, dt):
   def step(layer, xs):
     q_t, k_t, v_t, merge_t, omega_t, valid_t = xs
     layer = update(layer, k_t, v_t, merge_t, omega_t, valid_t)
-    s = jnp.einsum("BSGK,BGMK->BGMS", layer.k.astype(dt), q_t,
-                   preferred_element_type=jnp.float32) * kd ** -0.5
-    live = jnp.arange(layer.k.shape[1]) < layer.n[:, :, None, None]  # [B, G, 1, S]
-    probs = jax.nn.softmax(jnp.where(live, s, _NEG), axis=-1)
-    return layer, jnp.einsum("BSGK,BGMS->BGMK", layer.v.astype(dt), probs.astype(dt))
+    s = ops.gqa_scores(q_t[:, None], layer.k.astype(dt), kd ** -0.5)  # [B, G, M, 1, S]
+    live = jnp.arange(layer.k.shape[1]) < layer.n[:, :, None, None, None]  # [B, G, 1, 1, S]
+    probs = jax.nn.softmax(jnp.where(live, s, ops.NEG), axis=-1)
+    return layer, ops.gqa_attend(layer.v.astype(dt), probs, dt)[:, 0]
 
   time_major = lambda a: jnp.moveaxis(a, 1, 0)
   cache, o = jax.lax.scan(step, cache, tuple(map(time_major, (q, k, v, merge, omega, valid))))
@@ -258,6 +229,8 @@ def measure(model: nnx.Module, tokens) -> dict:
   (a one-shot prefill: the same decisions as token-by-token decode)."""
   tokens = jnp.asarray(tokens, jnp.int32)
   graphdef, state = nnx.split(model)
-  fill = jax.jit(lambda st, tok: nnx.merge(graphdef, st).extend(
-      tok, cache_lib.init_cache(model.cfg, tok.shape[0], tok.shape[1]))[1])
-  return compression_stats(fill(state, tokens), model.cfg)
+  def fill(st, tok):
+    m = nnx.merge(graphdef, st)
+    return m.extend(tok, m.init_cache(tok.shape[0], tok.shape[1]))[1]
+
+  return compression_stats(jax.jit(fill)(state, tokens), model.cfg)

@@ -5,7 +5,8 @@
 Sampling settings are traced values, so changing them does not recompile. With `mesh=` (a mesh
 from core.sharding.make_mesh) the parameters and the cache live on the mesh: the cache is created
 sharded (batch over data / fsdp, kv heads over tensor, length over sequence) and a
-sequence-sharded cache is attended shard by shard (core.decode_sharded).
+sequence-sharded cache is attended shard by shard (core.decode_sharded, through the DecodePlan
+of core.decode_plan that generate passes to model.extend).
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mla_jax.core import cache as cache_lib
-from mla_jax.core import decode_sharded
 from mla_jax.core import sharding as shd
+from mla_jax.core.decode_plan import DecodePlan, round_up_slots
+from mla_jax.core.model import init_cache
 
 
 def decode_step(graphdef, state, cache: cache_lib.Cache, tokens: jax.Array,
-                plan: decode_sharded.DecodePlan | None = None):
+                plan: DecodePlan | None = None):
   """One token per sequence: tokens [B, 1] -> (logits [B, V] float32, updated cache). With a
   plan the cache keeps its mesh shardings (pinned, so no step gathers it)."""
-  with decode_sharded.use(plan):
-    model = nnx.merge(graphdef, state)
-    logits, cache = model.extend(tokens, cache)
+  model = nnx.merge(graphdef, state)
+  logits, cache = model.extend(tokens, cache, plan=plan)
   return logits[:, -1], _pin(cache, plan)
 
 
@@ -65,9 +66,8 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
 @functools.partial(jax.jit, static_argnums=(0, 5, 11, 12))
 def _generate(graphdef, state, cache, prompts, lengths, max_new_tokens, rng, eos_id, temperature,
               top_k, top_p, plan=None, keep_logits=False):
-  with decode_sharded.use(plan):
-    model = nnx.merge(graphdef, state)
-    logits, cache = model.extend(prompts, cache, n_valid=lengths)
+  model = nnx.merge(graphdef, state)
+  logits, cache = model.extend(prompts, cache, n_valid=lengths, plan=plan)
   # Prompts are right-padded: take each one's last real logit, then rewind the fill level to it.
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
   cache = _pin(cache.replace(lengths=lengths), plan)
@@ -110,7 +110,7 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, temperature: fl
   mesh (core.sharding.make_mesh) places parameters (core.sharding's table, or `rules`) and the
   cache on the mesh; a `sequence` axis splits the cache length, rounded up to a multiple of it.
   sharded_impl: 'shard_map' (per-shard attention merged by log-sum-exp) or 'gspmd' (the plain
-  einsums, partitioned by XLA), see core.decode_sharded.
+  einsums, partitioned by XLA), see core.decode_plan.
   """
   cfg = model.cfg
   prompts = [list(map(int, p)) for p in prompts]
@@ -132,15 +132,14 @@ def generate(model: nnx.Module, prompts, max_new_tokens: int, *, temperature: fl
   prompts_in, lengths_in = jnp.asarray(padded), jnp.asarray(lengths)
   plan = None
   if mesh is None:
-    cache = cache_lib.init_cache(cfg, len(prompts), slots)
+    cache = init_cache(cfg, len(prompts), slots)
   else:
-    plan = decode_sharded.DecodePlan.make(mesh, rules, sharded_impl)
+    plan = DecodePlan.make(mesh, rules, sharded_impl)
     if plan.seq_shards > slots:  # more shards than slots: one line naming the flag
       plan.check_cache_length(slots)
     state = jax.device_put(state, shd.param_shardings(state, mesh, plan.rules_dict))
-    cache = decode_sharded.init_cache(cfg, len(prompts), decode_sharded.round_up_slots(slots, plan),
-                                      plan)
-    b_axes = decode_sharded.batch_spec(plan, len(prompts))
+    cache = init_cache(cfg, len(prompts), round_up_slots(slots, plan), plan)
+    b_axes = plan.batch_spec(len(prompts))
     prompts_in = jax.device_put(prompts_in, NamedSharding(mesh, PartitionSpec(b_axes, None)))
     lengths_in = jax.device_put(lengths_in, NamedSharding(mesh, PartitionSpec(b_axes)))
   out, n, seen = _generate(graphdef, state, cache, prompts_in, lengths_in, max_new_tokens,

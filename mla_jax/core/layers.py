@@ -119,16 +119,3 @@ class Embed(nnx.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """[B, T, D] -> logits [B, T, V] against the embedding table."""
     return dense(x, self.table[...].astype(self.dtype).T)
-
-
-def rope_scores(q_rope: jax.Array, k_rope: jax.Array) -> jax.Array:
-  """q_R . k_R of queries [B, T, H, R] against the ONE rope key per slot [B, S, R] -> [B, H, T, S]
-  float32: the same in both paths. With one rope key per KV group (MHA2MLA), k_rope [B, S, G, R]
-  and query head h reads key h // (H / G), as GQA does."""
-  if k_rope.ndim == 3:
-    return jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
-  b, t, h, r = q_rope.shape
-  g = k_rope.shape[2]
-  s = jnp.einsum("BTGMR,BSGR->BGMTS", q_rope.reshape(b, t, g, h // g, r), k_rope,
-                 preferred_element_type=jnp.float32)
-  return s.reshape(b, h, t, k_rope.shape[1])

@@ -151,3 +151,12 @@ def data_parallel_size(mesh_sizes: Mapping[str, int],
   target = rules["batch"]
   targets = (target,) if isinstance(target, str) else tuple(target or ())
   return math.prod(mesh_sizes[t] for t in targets)
+
+
+def per_device_bytes(tree) -> dict[str, int]:
+  """{device: bytes of its shards} over every array of a (cache) pytree, from addressable_shards."""
+  out: dict[str, int] = {}
+  for x in jax.tree.leaves(tree):
+    for s in x.addressable_shards:
+      out[str(s.device)] = out.get(str(s.device), 0) + s.data.nbytes
+  return out

@@ -24,44 +24,17 @@ G kv heads, M heads per kv head, K head dim, N nope dim, R rope dim, E value dim
 
 from __future__ import annotations
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mla_jax.core import attention as attn
 from mla_jax.core import cache as cache_lib
-from mla_jax.core.attention import GQAttention, causal_attention, causal_probs, write_after
+from mla_jax.core import ops
+from mla_jax.core.attention import GQAttention
+from mla_jax.core.cache import RingCache
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.layers import RMSNorm, apply_rope, dense, param, rope_angles
-
-_NEG = -1e30  # finite "minus infinity", as attention.py masks
-
-
-@flax.struct.dataclass
-class RingCache:
-  """One self-decoder layer: k, v [B, W', G, K] (keys rotated), W' = min(W, S) slots."""
-  k: jax.Array
-  v: jax.Array
-
-  @property
-  def axes(self):
-    return RingCache(k=cache_lib.KV_AXES, v=cache_lib.KV_AXES)
-
-
-def init_layers(cfg: ModelConfig, batch: int, s: int) -> tuple:
-  """(RingCache per self-decoder layer) + (global cache,) for `batch` sequences of s slots."""
-  dt, k = cfg.kv_cache_dtype, cfg.qk_head_dim
-  ring = (batch, min(cfg.yoco_window, s), cfg.kv_heads, k)
-  windows = tuple(RingCache(k=jnp.zeros(ring, dt), v=jnp.zeros(ring, dt))
-                  for _ in range(cfg.n_layers // 2))
-  if cfg.yoco_latent:
-    glob = cache_lib.LatentCache(c=jnp.zeros((batch, s, cfg.kv_lora_rank), dt),
-                                 k_rope=jnp.zeros((batch, s, cfg.qk_rope_head_dim), dt))
-  else:
-    shape = (batch, s, cfg.yoco_global_kv_heads, k)
-    glob = cache_lib.KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
-  return windows + (glob,)
 
 
 def ring_positions(lengths: jax.Array, ring: int) -> jax.Array:
@@ -86,7 +59,14 @@ class WindowAttention(GQAttention):
   """Sliding-window GQA: query t sees keys t' with t - W < t' <= t. Same parameters as
   GQAttention (wq, wk, wv, wo); only the mask and the cache differ."""
 
-  def __call__(self, x, positions, cache: RingCache | None = None, lengths=None, n_valid=None):
+  @staticmethod
+  def init_cache(cfg: ModelConfig, batch: int, slots: int) -> RingCache:
+    """Zeros: k, v [B, W', G, K], a ring of W' = min(W, slots) slots."""
+    ring = (batch, min(cfg.yoco_window, slots), cfg.kv_heads, cfg.qk_head_dim)
+    return RingCache(k=jnp.zeros(ring, cfg.kv_cache_dtype), v=jnp.zeros(ring, cfg.kv_cache_dtype))
+
+  def __call__(self, x, positions, cache: RingCache | None = None, lengths=None, *,
+               n_valid=None):
     """x [B, T, D], positions [B, T] -> (out [B, T, D], RingCache or None). n_valid [B]: how many
     of the T tokens to write into the ring (the rest are padding; default all)."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
@@ -95,29 +75,24 @@ class WindowAttention(GQAttention):
     cos, sin = rope_angles(positions, cfg.qk_head_dim, cfg.rope_theta)
     q, k = apply_rope(q, cos, sin, cfg.rope_layout), apply_rope(k, cos, sin, cfg.rope_layout)
     b, t, h, kd = q.shape
-    g, w = k.shape[2], cfg.yoco_window
+    g, w, scale = k.shape[2], cfg.yoco_window, kd ** -0.5
     q = q.reshape(b, t, g, h // g, kd)
-    scores = lambda keys, rows=slice(None): jnp.einsum(
-        "BTGMK,BSGK->BGMTS", q[:, rows], keys, preferred_element_type=jnp.float32) * kd ** -0.5
-    attend = lambda values, probs: jnp.einsum("BSGK,BGMTS->BTGMK", values, probs.astype(dt))
     out_proj = lambda o: dense(o.reshape(b, t, h, kd), c(self.wo), n_in=2)
     if cache is None:
       def window_scores(rows, end):  # causal_attention adds the causal mask
         near = jnp.arange(rows.start, rows.stop)[:, None] - jnp.arange(end) < w
-        return jnp.where(near, scores(k[:, :end], rows), _NEG)
-      o = causal_attention(t, cfg.attn_block, window_scores,
-                           lambda end, probs: attend(v[:, :end], probs))
+        return jnp.where(near, ops.gqa_scores(q[:, rows], k[:, :end], scale), ops.NEG)
+      o = ops.causal_attention(t, cfg.attn_block, window_scores,
+                               lambda end, probs: ops.gqa_attend(v[:, :end], probs, dt))
       return out_proj(o), None
     k, v = cache_lib.as_stored(k, cache.k), cache_lib.as_stored(v, cache.v)
     held = ring_positions(lengths, cache.k.shape[1])  # [B, W']
     old_ok = (held[:, None] >= 0) & (positions[:, :, None] - held[:, None] < w)  # [B, T, W']
     tt = jnp.arange(t)
     new_ok = (tt[:, None] >= tt) & (tt[:, None] - tt < w)  # [T, T]
-    logits = jnp.concatenate([jnp.where(old_ok[:, None, None], scores(cache.k.astype(dt)), _NEG),
-                              jnp.where(new_ok, scores(k), _NEG)], axis=-1)
-    probs = jax.nn.softmax(logits, axis=-1)
-    ring = cache.k.shape[1]
-    out = out_proj(attend(cache.v.astype(dt), probs[..., :ring]) + attend(v, probs[..., ring:]))
+    p_old, p_new = ops.two_block_probs(ops.gqa_scores(q, cache.k.astype(dt), scale),
+                                       ops.gqa_scores(q, k, scale), old_ok[:, None, None], new_ok)
+    out = out_proj(ops.gqa_attend(cache.v.astype(dt), p_old, dt) + ops.gqa_attend(v, p_new, dt))
     n = jnp.full((b,), t, jnp.int32) if n_valid is None else jnp.clip(n_valid, 0, t)
     return out, RingCache(k=ring_write(cache.k, k, lengths, n),
                           v=ring_write(cache.v, v, lengths, n))
@@ -140,7 +115,18 @@ class GlobalKV(nnx.Module):
       self.wk = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), std, dt)
       self.wv = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), std, dt)
 
+  @staticmethod
+  def init_cache(cfg: ModelConfig, batch: int, slots: int):
+    """Zeros for the one global cache: KVCache k, v [B, S, G_x, K] or LatentCache c [B, S, C],
+    k_rope [B, S, R]."""
+    if cfg.yoco_latent:
+      return attn.MLAttention.init_cache(cfg, batch, slots)
+    shape = (batch, slots, cfg.yoco_global_kv_heads, cfg.qk_head_dim)
+    return cache_lib.KVCache(k=jnp.zeros(shape, cfg.kv_cache_dtype),
+                             v=jnp.zeros(shape, cfg.kv_cache_dtype))
+
   def __call__(self, x, positions):
+    """-> these T tokens' global entries: (k, v) or (c, k_rope)."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     x = self.norm(x)
     if cfg.yoco_latent:
@@ -178,29 +164,32 @@ class CrossAttention(nnx.Module):
       self.wq = param(rngs, (d, h, k), ("embed", "heads", "head_dim"), std, dt)
       self.wo = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), out_std, dt)
 
-  def __call__(self, x, positions, new, past=None, lengths=None):
-    """x [B, T, D] -> out [B, T, D]. new: GlobalKV's pair for these T tokens; past: the global
-    cache before this call (lengths [B] slots filled) or None (the T tokens attend causally to
+  def __call__(self, x, positions, cache=None, lengths=None, *, new):
+    """x [B, T, D] -> (out [B, T, D], cache unchanged). new: GlobalKV's pair for these T tokens;
+    cache: the global cache before this call (lengths [B] slots filled; read only, the model
+    writes it once after every cross layer) or None (the T tokens attend causally to
     themselves)."""
+    if self.cfg.yoco_latent:
+      return self._latent(x, positions, new, cache, lengths), cache
+    return self._kv(x, positions, new, cache, lengths), cache
+
+  def _kv(self, x, positions, new, past, lengths):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     w = lambda p: p[...].astype(dt)
-    if cfg.yoco_latent:
-      return self._latent(x, positions, new, past, lengths)
     q = apply_rope(dense(x, w(self.wq)), *rope_angles(positions, cfg.qk_head_dim, cfg.rope_theta),
                    cfg.rope_layout)
     k, v = new
     b, t, h, kd = q.shape
-    g = k.shape[2]
+    g, scale = k.shape[2], kd ** -0.5
     q = q.reshape(b, t, g, h // g, kd)
-    scores = lambda keys, rows=slice(None): jnp.einsum(
-        "BTGMK,BSGK->BGMTS", q[:, rows], keys, preferred_element_type=jnp.float32) * kd ** -0.5
-    attend = lambda values, probs: jnp.einsum("BSGK,BGMTS->BTGMK", values, probs.astype(dt))
     if past is None:
-      o = causal_attention(t, cfg.attn_block, lambda rows, end: scores(k[:, :end], rows),
-                           lambda end, probs: attend(v[:, :end], probs))
+      o = ops.causal_attention(t, cfg.attn_block,
+                               lambda rows, end: ops.gqa_scores(q[:, rows], k[:, :end], scale),
+                               lambda end, probs: ops.gqa_attend(v[:, :end], probs, dt))
     else:
-      p_old, p_new = causal_probs(scores(k), scores(past.k.astype(dt)), lengths)
-      o = attend(past.v.astype(dt), p_old) + attend(v, p_new)
+      s_new = ops.gqa_scores(q, k, scale)
+      p_old, p_new = ops.cached_probs(ops.gqa_scores(q, past.k.astype(dt), scale), s_new, lengths)
+      o = ops.gqa_attend(past.v.astype(dt), p_old, dt) + ops.gqa_attend(v, p_new, dt)
     return dense(o.reshape(b, t, h, kd), w(self.wo), n_in=2)
 
   def _latent(self, x, positions, new, past, lengths):
@@ -225,31 +214,3 @@ class CrossAttention(nnx.Module):
         old = (past.c.astype(dt), past.k_rope.astype(dt))
       o = attention(q_nope, q_rope, c, k_rope, w(self.wkv_b), past=old, lengths=lengths)
     return dense(o, w(self.wo), n_in=2)
-
-
-def forward(model, x, positions, cache, n_valid, run):
-  """The YOCO layers of model (a Transformer): x [B, T, D] embedded tokens -> (x [B, T, D] after
-  the last layer, new cache layers or a tuple of None). run(block, x, positions, layer_cache,
-  lengths, extra) runs one block (remat or not)."""
-  cfg = model.cfg
-  half = cfg.n_layers // 2
-  lengths = None if cache is None else cache.lengths
-  windows = []
-  for i in range(half):
-    layer_cache = None if cache is None else cache.layers[i]
-    x, layer_cache = run(model.blocks[i], x, positions, layer_cache, lengths, n_valid)
-    windows.append(layer_cache)
-  new = model.yoco_kv(x, positions)  # the global entries of these T tokens, computed once
-  past = None if cache is None else cache.layers[half]
-  if past is not None:  # attend to what later tokens will read back
-    new = tuple(cache_lib.as_stored(a, buf) for a, buf in zip(new, jax.tree.leaves(past)))
-  for i in range(half, cfg.n_layers):
-    x, _ = run(model.blocks[i], x, positions, past, lengths, new)
-  if cache is None:
-    return x, (None,) * (half + 1)
-  # Written once, after every cross layer has read the old cache (in place when donated).
-  flat = [a.reshape(a.shape[:2] + buf.shape[2:]) for a, buf in zip(new, jax.tree.leaves(past))]
-  written = jax.tree.unflatten(jax.tree.structure(past),
-                               [write_after(buf, a, lengths, x)
-                                for a, buf in zip(flat, jax.tree.leaves(past))])
-  return x, tuple(windows) + (written,)

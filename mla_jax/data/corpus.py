@@ -2,7 +2,8 @@
 
 Sources (`load_corpus`):
   'stdlib'  the running Python's standard-library .py files: no download.
-  'text'    a file or glob of text files; the last `val_fraction` of the
+  'text'    a file, a glob of text files or a directory (its text files,
+            recursively, in sorted order); the last `val_fraction` of the
             characters is validation (as nanoGPT).
   'tokens'  a directory written by scripts/prepare_data.py (train.bin,
             val.bin or .npy, meta.json, tokenizer/).
@@ -109,20 +110,45 @@ def _read_stdlib(max_bytes: int) -> tuple[str, str]:
 
 
 def text_files(path: str) -> list[str]:
-  """Files named by `path`: itself, or the sorted matches of a glob."""
+  """Files named by `path`: itself, the sorted matches of a glob, or a directory's text files
+  (every file below it, recursively, sorted by path; hidden names and binary files skipped)."""
   if not path:
-    raise ValueError("data.path: required for source 'text' (a file or a glob)")
+    raise ValueError("data.path: required for source 'text' (a file, directory or glob)")
   if any(c in path for c in '*?['):
     files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
     if not files:
       raise FileNotFoundError(f'data.path: no file matches {path!r}')
     return files
   if os.path.isdir(path):
-    raise ValueError(f"data.path: {path!r} is a directory; give a file or a glob like "
-                     f"'{path}/*.txt'")
+    files = directory_text_files(path)
+    if not files:
+      raise FileNotFoundError(f'data.path: directory {path!r} holds no text file')
+    return files
   if not os.path.isfile(path):
     raise FileNotFoundError(f'data.path: no file {path!r}')
   return [path]
+
+
+BINARY_PROBE = 8192  # a file with a NUL byte in its first this many bytes is not text
+
+
+def directory_text_files(root: str) -> list[str]:
+  """Every regular file under root, recursively, in sorted order of its path relative to root
+  (stable across machines and runs), leaving out hidden files and directories ('.git', ...)
+  and binary files (a NUL byte in the first BINARY_PROBE bytes)."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+    for name in filenames:
+      full = os.path.join(dirpath, name)
+      if not name.startswith('.') and os.path.isfile(full):
+        found.append((pathlib.Path(os.path.relpath(full, root)).as_posix(), full))
+  files = []
+  for _, full in sorted(found):
+    with open(full, 'rb') as f:
+      if b'\0' not in f.read(BINARY_PROBE):
+        files.append(full)
+  return files
 
 
 def _read_text(path: str, kind: str, val_fraction: float, max_bytes: int) -> tuple[str, str]:

@@ -2,15 +2,21 @@
 
     ms = time_decode(model, context=1024)            # {'ms_per_token': ..., 'tokens_per_s': ...}
     both = time_decode_impls(model, contexts=(256, 1024))   # MLA: absorbed and naive
+    times, logits, cache = step_times(step, cache, tokens, steps=16)   # any decode step
 
-What is timed is `generate.decode_step_jit` (one token per sequence, jitted, cache donated) with
+`step_times` is the one timing protocol of the package and its benchmarks (scripts/bench_decode.py,
+scripts/bench_kvcompress.py, kvcompress.evaluate.decode_ms, accel): `warmup` untimed steps (the
+compile), then each step timed alone, blocked on until its logits and cache are ready; callers
+report the median, which is robust to a busy machine.
+
+`time_decode` times `generate.decode_step_jit` (one token per sequence, jitted, cache donated) with
 a cache buffer of exactly `context` slots, the first `context - warmup - steps` counted as filled.
 Attention runs over every slot of the buffer (the causal mask hides the unfilled ones), so the cost
 per step is the cost of decoding at that context. The cache contents stay zero: timing does not
-depend on the values. Each step is blocked on and the median over steps is reported, which is
-robust to a busy machine (the mean is reported too). With a plan (core.decode_sharded.DecodePlan)
-the parameters and the cache live on its mesh and `cache_bytes_per_device` is the largest amount
-of cache one device holds (from the arrays' addressable shards).
+depend on the values. The median over steps is reported (the mean too). With a plan
+(core.decode_plan.DecodePlan) the parameters and the cache live on its mesh and
+`cache_bytes_per_device` is the largest amount of cache one device holds (from the arrays'
+addressable shards).
 """
 
 from __future__ import annotations
@@ -23,15 +29,33 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax.core import cache as cache_lib
-from mla_jax.core import decode_sharded
 from mla_jax.core import sharding as shd
+from mla_jax.core.decode_plan import DecodePlan
 from mla_jax.core.generate import decode_step_jit
-from mla_jax.core.model import abstract_model
+from mla_jax.core.model import abstract_model, init_cache
+
+
+def step_times(step, cache, tokens, steps: int, warmup: int = 1,
+               max_seconds: float | None = None):
+  """`step(cache, tokens[:, i:i + 1]) -> (logits, cache)`, `warmup` times untimed, then up to
+  `steps` times, each timed alone and blocked on (logits and cache). tokens [B, n]: step i feeds
+  column i % n. With max_seconds, stops once the timed steps took that long (at least 3 of them:
+  slow cells of a benchmark). -> (seconds per timed step, the last logits, the last cache)."""
+  n = tokens.shape[1]
+  times, logits = [], None
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    logits, cache = step(cache, tokens[:, i % n:i % n + 1])
+    jax.block_until_ready((logits, cache))
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+      if max_seconds is not None and sum(times) > max_seconds and len(times) >= 3:
+        break
+  return times, logits, cache
 
 
 def time_decode(model: nnx.Module, context: int, batch: int = 1, steps: int = 32,
-                warmup: int = 3, plan: decode_sharded.DecodePlan | None = None) -> dict:
+                warmup: int = 3, plan: DecodePlan | None = None) -> dict:
   """Median wall time of one decode step with `context` cache slots, batch `batch` (on the plan's
   mesh when given)."""
   cfg = model.cfg
@@ -41,26 +65,19 @@ def time_decode(model: nnx.Module, context: int, batch: int = 1, steps: int = 32
     raise ValueError(f"context: {context} must exceed warmup + steps = {warmup + steps}")
   graphdef, state = nnx.split(model)
   if plan is None:
-    cache = cache_lib.init_cache(cfg, batch, context)
+    cache = init_cache(cfg, batch, context)
   else:
     plan.check_cache_length(context)
     state = jax.device_put(state, shd.param_shardings(state, plan.mesh, plan.rules_dict))
-    cache = decode_sharded.init_cache(cfg, batch, context, plan)
+    cache = init_cache(cfg, batch, context, plan)
   cache = cache.replace(lengths=jnp.full((batch,), context - warmup - steps, jnp.int32))
-  tokens = jnp.zeros((batch, 1), jnp.int32)
-  times = []
-  for i in range(warmup + steps):
-    start = time.perf_counter()
-    logits, cache = decode_step_jit(graphdef, state, cache, tokens, plan)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]  # a real data dependency
-    tokens.block_until_ready()
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
+  step = lambda c, t: decode_step_jit(graphdef, state, c, t, plan)
+  times, _, cache = step_times(step, cache, jnp.zeros((batch, 1), jnp.int32), steps, warmup)
   ms = 1000 * statistics.median(times)
   return {"context": context, "batch": batch, "ms_per_token": ms,
           "mean_ms_per_token": 1000 * statistics.fmean(times), "tokens_per_s": batch * 1000 / ms,
           "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers)),
-          "cache_bytes_per_device": max(decode_sharded.per_device_bytes(cache.layers).values())}
+          "cache_bytes_per_device": max(shd.per_device_bytes(cache.layers).values())}
 
 
 def with_decode_impl(model: nnx.Module, impl: str) -> nnx.Module:
@@ -71,7 +88,7 @@ def with_decode_impl(model: nnx.Module, impl: str) -> nnx.Module:
 
 
 def time_decode_impls(model: nnx.Module, contexts=(256, 1024), batch: int = 1,
-                      steps: int = 32, plan: decode_sharded.DecodePlan | None = None
+                      steps: int = 32, plan: DecodePlan | None = None
                       ) -> dict[str, list[dict]]:
   """{impl name: [time_decode(...) per context]}. The GQA family has one path ('standard');
   MLA is timed with both the absorbed and the naive decode path on the same parameters (over a

@@ -20,6 +20,14 @@ def _eval_step(graphdef, params, tokens, weights):
           "loss_by_position": losses.sum(axis=0)}
 
 
+class EvalInterrupted(Exception):
+  """Evaluation stopped between batches because stop() said so (a SIGTERM / Ctrl-C)."""
+
+  def __init__(self, tokens_done: int, tokens_total: int):
+    super().__init__(f"evaluation interrupted after {tokens_done:,} of {tokens_total:,} tokens")
+    self.tokens_done, self.tokens_total = tokens_done, tokens_total
+
+
 class Evaluator:
   """Jits one eval step for a model and batch layout, then scores any split with it."""
 
@@ -38,14 +46,18 @@ class Evaluator:
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
   def __call__(self, params, tokens: np.ndarray, bytes_per_token: float,
-               max_tokens: int = 0, progress=None) -> dict:
+               max_tokens: int = 0, progress=None, stop=None) -> dict:
     """Returns val_loss (nats/token), val_ppl, val_bpb, val_tokens, loss_by_position [T].
-    progress(tokens scored, tokens to score), when given, is called about every 10%."""
+    progress(tokens scored, tokens to score), when given, is called about every 10%.
+    stop(), when given, is asked before every batch after the first; True raises EvalInterrupted
+    (a stop signal is honoured within one batch, not after the whole split)."""
     total, count, by_pos = 0.0, 0.0, np.zeros(self.seq_len)
     windows_total = pipeline.num_eval_windows(len(tokens), self.seq_len, max_tokens)
     n_batches = -(-windows_total // self.batch_size)
     for i, batch in enumerate(
         pipeline.eval_batches(tokens, self.seq_len, self.batch_size, max_tokens)):
+      if stop is not None and i and stop():
+        raise EvalInterrupted(int(count), windows_total * self.seq_len)
       if progress and i % max(1, n_batches // 10) == 0:
         progress(i * self.batch_size * self.seq_len, windows_total * self.seq_len)
       n = batch.shape[0]

@@ -2,18 +2,20 @@
 
 scripts/compare.py is the command line; see it for usage. A sweep is a config file,
 configs/sweeps/<name>.py (or any path), whose get_config() lists the runs (configs/sweeps/cpu.py).
-For each run (up to sweep.jobs / --jobs training processes at once; each is evaluated as soon as
-its training ends, in the sweep's order):
-  1. train: `python train.py --config=<experiment>:<arg> --workdir=<runs_dir>/<run> --config.k=v`
-     in a subprocess (clean memory per run, exactly what a user would type; its output goes to
-     <workdir>/train.log). A run is finished when its newest checkpoint step equals train.steps;
-     finished runs are never retrained, unfinished ones resume (train.py resumes a workdir), so
-     re-running after an interruption picks up where it stopped.
+For each run (up to sweep.jobs / --jobs trainings at once; each is evaluated as soon as its
+training ends, in the sweep's order):
+  1. train: train_fn(sweep, run, workdir) -> seconds, the caller's launcher (scripts/compare.py:
+     `python train.py --config=<experiment>:<arg> --workdir=<runs_dir>/<run> --config.k=v` in a
+     subprocess; tests: a fake). A run is finished when its newest checkpoint step equals
+     train.steps; finished runs are never retrained, unfinished ones resume (train.py resumes a
+     workdir), so re-running after an interruption picks up where it stopped.
   2. evaluate in this process (workdir_eval.evaluate_workdir: whole validation split, cache bytes,
      loss by position; decode timing only when the sweep does not re-time decode interleaved
      afterwards, decode_rounds) -> <workdir>/eval.json. With reuse, an eval.json newer than
      the run's last checkpoint is read back instead (re-render the report without re-timing).
-Then OUT/results.json, OUT/report.md and OUT/*.png (evaluation.report).
+Then OUT/results.json, OUT/report.md and OUT/*.png (evaluation.report). Sweep names and the
+experiment paths in sweep files resolve against the directory holding the `configs` package (the
+checkout, or site-packages when installed), never against where mla_jax lives.
 """
 
 from __future__ import annotations
@@ -22,40 +24,58 @@ import functools
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
-import mla_jax
 from mla_jax.core.model import abstract_model, count_params
 from mla_jax.evaluation import decode_speed, report, stats
 from mla_jax.evaluation.workdir_eval import EvalError, decode_contexts, evaluate_workdir
 from mla_jax.experiment import ExperimentConfig, load_config
 from mla_jax.storage.workdir import Workdir, load_model, read_metrics
 
-# The checkout: sweep files name configs/ and train.py relative to it (installed editable).
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(mla_jax.__file__)))
-
 
 class SweepError(Exception):
   pass
+
+
+# train_fn(sweep, run, workdir) -> wall seconds: trains (or resumes) one run into workdir, raising
+# SweepError on failure (its message containing 'non-finite' for a diverged run).
+TrainFn = Callable[[object, dict, str], float]
+
+
+def configs_root() -> str:
+  """The directory holding the `configs` package, found without importing it (mla_jax never
+  imports configs): sweep names and sweep files' experiment paths resolve against it."""
+  spec = importlib.util.find_spec("configs")
+  locations = list(spec.submodule_search_locations or []) if spec else []
+  if not locations:
+    raise SweepError("the configs package is not importable; install this checkout "
+                     "(python3 -m pip install -e .)")
+  return os.path.dirname(os.path.abspath(locations[0]))
+
+
+def experiment_path(sweep) -> str:
+  """The sweep's experiment file (e.g. 'configs/lm.py'), absolute."""
+  path = sweep.experiment
+  return path if os.path.isabs(path) else os.path.join(configs_root(), path)
 
 
 # Sweep files -------------------------------------------------------------------------------------
 
 
 def sweep_path(name: str) -> str:
-  """A sweep name ('cpu') -> configs/sweeps/cpu.py in the checkout; a path stays a path."""
+  """A sweep name ('cpu') -> configs/sweeps/cpu.py beside the configs package; a path stays a
+  path."""
   if name.endswith(".py") or os.sep in name:
     return name
-  return os.path.join(REPO, "configs", "sweeps", f"{name}.py")
+  return os.path.join(configs_root(), "configs", "sweeps", f"{name}.py")
 
 
 def load_sweep(name: str):
   path = sweep_path(name)
   if not os.path.isfile(path):
-    known = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs", "sweeps"))
+    known = sorted(f[:-3] for f in os.listdir(os.path.join(configs_root(), "configs", "sweeps"))
                    if f.endswith(".py") and not f.startswith("_"))
     raise SweepError(f"--sweep: no sweep file {path} (known: {', '.join(known)})")
   spec = importlib.util.spec_from_file_location(f"_sweep_{os.path.basename(path)[:-3]}", path)
@@ -162,7 +182,7 @@ def choose_lrs(tuning: list[dict], scores: dict[str, float | None]) -> dict[str,
 
 
 def run_config(sweep, run):
-  return load_config(f"{os.path.join(REPO, sweep.experiment)}:{run['arg']}", run["overrides"])
+  return load_config(f"{experiment_path(sweep)}:{run['arg']}", run["overrides"])
 
 
 def model_config(config):
@@ -229,48 +249,6 @@ def check_existing(workdir: str, steps: int) -> None:
                        f"{steps}; use another --out/--runs_dir or --steps={saved}")
 
 
-def format_flag(value) -> str:
-  return repr(value) if isinstance(value, float) else str(value)
-
-
-def train_command(sweep, run, workdir: str) -> list[str]:
-  """train.py runs in the checkout (cwd REPO): the workdir goes absolute, so a --runs_dir relative
-  to the caller's directory means the same place when the two differ."""
-  return ([sys.executable, os.path.join(REPO, "train.py"),
-           f"--config={os.path.join(REPO, sweep.experiment)}:{run['arg']}",
-           f"--workdir={os.path.abspath(workdir)}"]
-          + [f"--config.{k}={format_flag(v)}" for k, v in run["overrides"].items()])
-
-
-def train_env(workdir: str) -> dict:
-  """train.py's environment: JAX's persistent compilation cache in the runs directory (unless the
-  caller chose one), so the seeds of a variant, which compile the same programs, compile once."""
-  env = dict(os.environ)
-  if "JAX_COMPILATION_CACHE_DIR" not in env:
-    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.path.dirname(os.path.abspath(workdir)),
-                                                    ".jax_cache")
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-  return env
-
-
-def train(sweep, run, workdir: str) -> float:
-  """Trains (or resumes) one run in a subprocess; returns wall seconds. Raises on failure."""
-  os.makedirs(workdir, exist_ok=True)
-  log_path = os.path.join(workdir, "train.log")
-  start = time.time()
-  with open(log_path, "a") as log:
-    log.write(f"\n$ {' '.join(train_command(sweep, run, workdir))}\n")
-    log.flush()
-    proc = subprocess.run(train_command(sweep, run, workdir), cwd=REPO, stdout=log,
-                          stderr=subprocess.STDOUT, env=train_env(workdir))
-  if proc.returncode:
-    with open(log_path, errors="replace") as f:
-      tail = [l for l in f.read().replace("\r", "\n").splitlines() if l.strip()][-3:]
-    raise SweepError(f"run {run['name']}: train.py exited {proc.returncode} (log {log_path}): "
-                     + " | ".join(tail))
-  return time.time() - start
-
-
 def evaluate(sweep, workdir: str, reuse: bool) -> dict:
   """evaluate_workdir on a final run -> its eval.json. Decode is timed here only when the sweep
   does not time it again for all runs interleaved (decode_rounds): per-run timings would be
@@ -297,8 +275,10 @@ def evaluate(sweep, workdir: str, reuse: bool) -> dict:
 def retime_decode(sweep, runs, runs_dir: str, results: dict, rounds: int) -> None:
   """Replaces each run's decode timings by ones taken in interleaved rounds over all runs (see
   decode_speed.time_decode_interleaved): per-run timings taken minutes apart on a shared machine
-  differ by tens of percent for the same architecture."""
-  models = {r["name"]: load_model(os.path.join(runs_dir, r["name"])) for r in runs}
+  differ by tens of percent for the same architecture. A run's workdir is run['workdir'], else
+  runs_dir/<name>."""
+  models = {r["name"]: load_model(r.get("workdir") or os.path.join(runs_dir, r["name"]))
+            for r in runs}
   contexts = decode_contexts(sweep.get("decode_lengths", "256,max"),
                              min(m.cfg.max_seq_len for m in models.values()))
   timed = decode_speed.time_decode_interleaved(models, contexts,
@@ -312,7 +292,8 @@ def say(text: str) -> None:
   print(f"[compare {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def _train_or_reuse(sweep, run, workdir: str, steps: int, label: str, timings: dict) -> None:
+def _train_or_reuse(sweep, run, workdir: str, steps: int, label: str, timings: dict,
+                    train_fn: TrainFn) -> None:
   """train_in_order has run check_existing on every workdir before any training."""
   if is_finished(workdir, steps):
     say(f"{run['name']}: finished run reused ({workdir})")
@@ -320,7 +301,7 @@ def _train_or_reuse(sweep, run, workdir: str, steps: int, label: str, timings: d
   say(f"{run['name']} ({label}): training {steps} steps at lr {run.get('lr')} -> "
       f"{workdir}/train.log")
   try:
-    timings[run["name"]] = train(sweep, run, workdir)
+    timings[run["name"]] = train_fn(sweep, run, workdir)
   except SweepError as e:
     if run["name"].startswith("tune/") and "non-finite" in str(e):
       say(f"{run['name']}: diverged (counted as a failed rate)")
@@ -337,11 +318,12 @@ def jobs_of(sweep, jobs: int | None) -> int:
   return jobs
 
 
-def train_in_order(sweep, items: list[tuple], jobs: int, timings: dict):
-  """Trains (or reuses) every (run, workdir, steps, label) with up to `jobs` train.py processes
-  at once and yields each item once its training has ended, in the order given (so results and
-  messages come in the sweep's order). A failure raises when its item comes up; runs not yet
-  started are cancelled, running ones finish (and stay resumable).
+def train_in_order(sweep, items: list[tuple], jobs: int, timings: dict, train_fn: TrainFn):
+  """Trains (or reuses) every (run, workdir, steps, label) with up to `jobs` train_fn calls at
+  once (scripts/compare.py: train.py processes) and yields each item once its training has ended,
+  in the order given (so results and messages come in the sweep's order). A failure raises when
+  its item comes up; runs not yet started are cancelled, running ones finish (and stay
+  resumable).
 
   On the 2-core CPU two jobs do at least 1.28x the work of one: two of the cpu sweep's tuning runs
   (MHA, MLA C=40) took 111 s together, the MHA one 71 s alone. A model this small leaves a
@@ -350,7 +332,7 @@ def train_in_order(sweep, items: list[tuple], jobs: int, timings: dict):
     check_existing(workdir, steps)
   pool = ThreadPoolExecutor(max_workers=jobs)
   try:
-    futures = [pool.submit(_train_or_reuse, sweep, run, workdir, steps, label, timings)
+    futures = [pool.submit(_train_or_reuse, sweep, run, workdir, steps, label, timings, train_fn)
                for run, workdir, steps, label in items]
     for item, future in zip(items, futures):
       future.result()
@@ -359,12 +341,33 @@ def train_in_order(sweep, items: list[tuple], jobs: int, timings: dict):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+def keep_earlier(path: str, runs: list[dict], runs_dir: str, steps: int) -> dict[str, dict]:
+  """The entries of an earlier report (its results.json) for final runs whose workdirs are gone
+  from runs_dir: each run of the same name and steps is kept as that report measured it (curve
+  included), not retrained, so seeds added later join the ones whose workdirs were deleted.
+  -> {run name: entry}."""
+  try:
+    with open(path) as f:
+      earlier = json.load(f).get("runs", {})
+  except (OSError, ValueError) as e:
+    raise SweepError(f"--earlier: cannot read {path}: {e}") from None
+  return {r["name"]: earlier[r["name"]] for r in runs
+          if r["name"] in earlier and earlier[r["name"]].get("train_steps") == steps
+          and not os.path.isdir(os.path.join(runs_dir, r["name"]))}
+
+
 def run_sweep(sweep_name: str, out: str, runs_dir: str | None = None, steps: int | None = None,
               reuse: bool = False, only: str | None = None,
-              command: str | None = None, jobs: int | None = None) -> list[str]:
+              command: str | None = None, jobs: int | None = None, *, train_fn: TrainFn,
+              evaluate_fn: Callable[[object, str, bool], dict] | None = None,
+              earlier: str | None = None) -> list[str]:
   """Tunes the learning rate per variant (when the sweep has an lr_grid), trains the final runs
   at the chosen rates and seeds, evaluates them and writes the report; returns the paths.
-  Everything finished is reused, so re-running after an interruption continues."""
+  Everything finished is reused, so re-running after an interruption continues.
+  train_fn: the launcher (TrainFn); evaluate_fn(sweep, workdir, reuse) -> eval.py's dict
+  (default `evaluate`, in this process). earlier: an earlier report's results.json whose runs
+  stand in for final runs without a workdir (keep_earlier)."""
+  evaluate_fn = evaluate_fn or evaluate
   sweep = load_sweep(sweep_name)
   steps = steps or sweep.steps
   runs_dir = runs_dir or os.path.join(out, "runs")
@@ -377,7 +380,7 @@ def run_sweep(sweep_name: str, out: str, runs_dir: str | None = None, steps: int
   scores, phases = {}, {}
   items = [(run, os.path.join(runs_dir, run["name"]), run["steps"],
             f"tuning {i + 1}/{len(tuning)}") for i, run in enumerate(tuning)]
-  for run, workdir, _, _ in train_in_order(sweep, items, jobs, timings):
+  for run, workdir, _, _ in train_in_order(sweep, items, jobs, timings, train_fn):
     scores[run["name"]] = final_val_bpb(workdir)
   phases["tuning"] = time.time() - started
   lr_table = choose_lrs(tuning, scores) if tuning else {}
@@ -391,21 +394,25 @@ def run_sweep(sweep_name: str, out: str, runs_dir: str | None = None, steps: int
     runs = [r for r in runs if r["name"] in wanted or r["variant"] in wanted]
     if not runs:
       raise SweepError(f"--only: none of {sorted(wanted)} is a run of sweep {sweep.name}")
+  kept = keep_earlier(earlier, runs, runs_dir, steps) if earlier else {}
+  if kept:
+    say(f"{len(kept)} runs kept from {earlier} (no workdir here): {', '.join(kept)}")
   results = {}
   items = [(run, os.path.join(runs_dir, run["name"]), steps, f"final {i + 1}/{len(runs)}")
-           for i, run in enumerate(runs)]
-  for run, workdir, _, _ in train_in_order(sweep, items, jobs, timings):
+           for i, run in enumerate(runs) if run["name"] not in kept]
+  for run, workdir, _, _ in train_in_order(sweep, items, jobs, timings, train_fn):
     t = time.time()
-    results[run["name"]] = evaluate(sweep, workdir, reuse)
+    results[run["name"]] = evaluate_fn(sweep, workdir, reuse)
     r = results[run["name"]]
     say(f"{run['name']}: val_bpb {r['val_bpb']:.4f}, kv {r['kv_bytes_per_token']} B/token "
         f"(eval {time.time() - t:.0f} s, total {(time.time() - started) / 60:.1f} min)")
+  results = {r["name"]: kept.get(r["name"]) or results[r["name"]] for r in runs}  # sweep order
   default_runs = runs_dir == os.path.join(out, "runs")
   rounds = sweep.get("decode_rounds", 0)
   phases["final"] = time.time() - started - phases["tuning"]
   if rounds:
     say(f"decode timing, all runs interleaved ({rounds} rounds)")
-    retime_decode(sweep, runs, runs_dir, results, rounds)
+    retime_decode(sweep, [r for r in runs if r["name"] not in kept], runs_dir, results, rounds)
   phases["decode"] = time.time() - started - phases["tuning"] - phases["final"]
   wall = {"jobs": jobs, "seconds": time.time() - started,
           "phases": {k: round(v, 1) for k, v in phases.items()},

@@ -32,11 +32,11 @@ import numpy as np
 from flax import nnx
 
 from mla_jax.core import cache as cache_lib
-from mla_jax.core import decode_sharded
 from mla_jax.core import dmc as dmc_lib
 from mla_jax.core import sharding as shd
 from mla_jax.core.config import kv_cache_bytes_per_token
-from mla_jax.core.model import count_params
+from mla_jax.core.decode_plan import DecodePlan
+from mla_jax.core.model import count_params, init_cache
 from mla_jax.data import corpus as data_lib
 from mla_jax.data import tokenizer as tok_lib
 from mla_jax.evaluation import decode_speed, metrics
@@ -125,7 +125,7 @@ def eval_mesh(sizes: dict, impl: str = "shard_map"):
     return None
   try:
     mesh = shd.make_mesh({"data": -1, **given})
-    return decode_sharded.DecodePlan.make(mesh, impl=impl)
+    return DecodePlan.make(mesh, impl=impl)
   except ValueError as e:
     named = " ".join(f"--mesh.{k}={v}" for k, v in given.items())
     raise EvalError(f"{named}: {str(e).splitlines()[0]}") from None
@@ -136,7 +136,7 @@ def measured_cache_bytes(model, tokens) -> float:
   n = tokens.shape[-1]
   graphdef, state = nnx.split(model)
   fill = jax.jit(lambda s, t: nnx.merge(graphdef, s).extend(
-      t, cache_lib.init_cache(model.cfg, 1, n)))  # jitted: eager extend compiles op by op
+      t, init_cache(model.cfg, 1, n)))  # jitted: eager extend compiles op by op
   _, cache = fill(state, jnp.asarray(tokens[None], jnp.int32))
   assert int(cache.lengths[0]) == n
   return cache_lib.cache_bytes_per_token(cache)
@@ -146,7 +146,7 @@ def evaluate_workdir(workdir: str, data: str | None = None, max_tokens: int = 0,
                      which: str = "latest", decode_lengths: str = "256,max",
                      decode_steps: int = 32, buckets: int = 8,
                      progress: Callable[[str], None] | None = None,
-                     plan: decode_sharded.DecodePlan | None = None) -> dict:
+                     plan: DecodePlan | None = None) -> dict:
   """Everything eval.py reports, as a JSON-able dict. Raises EvalError for user errors.
   progress(text), when given, hears each phase as it starts and the scoring as it goes.
   plan (eval_mesh): parameters restored straight into their shardings on its mesh and decode
@@ -168,7 +168,9 @@ def evaluate_workdir(workdir: str, data: str | None = None, max_tokens: int = 0,
     start = time.perf_counter()
     where = "" if plan is None else f" onto mesh {dict(plan.mesh.shape)}"
     say(f"loading checkpoint step {step} of {workdir}{where}")
-    model = wd.load_model(step, mesh=None if plan is None else plan.mesh)
+    # 'latest' falls back past a damaged step (saying which); an explicit step is refused.
+    step, model = wd.load(which if str(which) == "latest" else step,
+                          mesh=None if plan is None else plan.mesh, warn=say)
   except WorkdirError as e:  # 'which: ...' is the --which flag here
     raise EvalError(f"--{e}" if str(e).startswith("which") else str(e)) from None
   cfg = model.cfg
@@ -185,7 +187,7 @@ def evaluate_workdir(workdir: str, data: str | None = None, max_tokens: int = 0,
                                    progress=scored if progress else None)
   say("measuring the KV cache")
   measured = measured_cache_bytes(model, val[:min(CACHE_FILL_TOKENS, seq_len)])
-  at_max = jax.eval_shape(lambda: cache_lib.init_cache(cfg, batch, cfg.max_seq_len))
+  at_max = jax.eval_shape(lambda: init_cache(cfg, batch, cfg.max_seq_len))
   bytes_at_max = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(at_max.layers))
 
   compression = None

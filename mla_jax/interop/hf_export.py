@@ -4,12 +4,13 @@
 
 MHA / GQA / MQA become `LlamaForCausalLM`; MLA becomes `DeepseekV3ForCausalLM` with dense MLPs
 (first_k_dense_replace = num_hidden_layers, no multi-token-prediction layers) and interleaved RoPE.
-The tensor names and layouts are hf_import's mapping run backwards, so export -> import gives back
-the same parameters, and an imported checkpoint exports to the tensors it came from.
+The tensor names and layouts are hf_import's table (interop.hf_names) run backwards, so export ->
+import gives back the same parameters, and an imported checkpoint exports to the tensors it came
+from.
 
 RoPE layouts: Llama rotates half-split pairs, DeepSeek's HF code interleaved ones. A model whose
 layout differs from the target's has its rotated weight columns permuted (the same pairs, so the
-attention scores are unchanged): `layers.interleaved_to_half_perm`.
+attention scores are unchanged): `hf_names.to_layout`.
 
 Not exportable (refused in one line naming the field, nothing written): MLA with one rope key per
 KV head (`mla_rope_kv_heads` > 1), per-layer rope frequencies (`mla_rope_pairs`), no latent norm
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mla_jax.core.config import ModelConfig
-from mla_jax.interop import safetensors_np, workdir_io
+from mla_jax.interop import hf_names, safetensors_np, workdir_io
 from mla_jax.interop.hf_import import DEEPSEEK_LATENT_EPS
 
 
@@ -36,26 +37,19 @@ class HFExportError(ValueError):
   """A model the target layout cannot hold exactly: one line naming the field."""
 
 
-def _perm(dim: int) -> np.ndarray:
-  """p with half_dims = interleaved_dims[p] (layers.interleaved_to_half_perm, in numpy)."""
-  return np.concatenate([np.arange(0, dim, 2), np.arange(1, dim, 2)])
-
-
-def _to_layout(w: np.ndarray, start: int, src: str, dst: str) -> np.ndarray:
-  """w [..., X] with its last-axis columns [start:] rotated in layout src -> layout dst."""
-  if src == dst:
-    return w
-  r = w.shape[-1] - start
-  p = _perm(r) if dst == "half" else np.argsort(_perm(r))
-  return np.concatenate([w[..., :start], w[..., start:][..., p]], axis=-1)
-
-
 def _fail(field: str, msg: str):
   raise HFExportError(f"model.{field}: {msg}")
 
 
+# What makes an MHA -> MLA conversion exportable (each refusal of its fields names it).
+EXPORTABLE_CONVERSION = ("convert with scripts/convert_mha2mla.py --rope_key=shared --latent_norm "
+                         "--rope_strategy=high (or uniform) to export as DeepSeek-V3 "
+                         "(approximate: fine-tune it, train.py --config.train.init_from=DST)")
+
+
 def _check_exportable(cfg: ModelConfig) -> None:
   fail = _fail
+  convert = lambda field, msg: _fail(field, f"{msg}; {EXPORTABLE_CONVERSION}")
   if getattr(cfg, "qk_norm", False):
     fail("qk_norm", "true: neither Llama's nor DeepSeek-V3's layout has query/key norms")
   if cfg.attention != "mla":
@@ -63,17 +57,47 @@ def _check_exportable(cfg: ModelConfig) -> None:
   if getattr(cfg, "mla_latent_scale", False):
     fail("mla_latent_scale", "true: DeepSeek-V3's latents are not scaled after their norms")
   if getattr(cfg, "mla_rope_kv_heads", 1) > 1:
-    fail("mla_rope_kv_heads", f"{cfg.mla_rope_kv_heads}: DeepSeek-V3 has one shared rope key")
+    convert("mla_rope_kv_heads", f"{cfg.mla_rope_kv_heads}: DeepSeek-V3 has one shared rope key")
   if getattr(cfg, "mla_rope_pairs", ()):
-    fail("mla_rope_pairs", "per-layer rope frequencies have no DeepSeek-V3 equivalent")
+    convert("mla_rope_pairs", "per-layer rope frequencies have no DeepSeek-V3 equivalent")
   if not getattr(cfg, "mla_latent_norm", True):
-    fail("mla_latent_norm", "false: DeepSeek-V3 always normalises the latent (kv_a_layernorm)")
+    convert("mla_latent_norm", "false: DeepSeek-V3 always normalises the latent (kv_a_layernorm)")
   if cfg.norm_eps != DEEPSEEK_LATENT_EPS:
     fail("norm_eps", f"{cfg.norm_eps}: DeepSeek-V3's latent norms use {DEEPSEEK_LATENT_EPS}")
 
 
-def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-  """The config.json transformers needs for cfg's model."""
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_token_ids(config: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+  """bos / eos / pad token ids of the Hugging Face checkpoint a workdir descends from ({} when
+  none): its `origin` (an import's HF ids, kept in origin or read from origin.hf_dir's
+  config.json while it exists; a conversion's source workdir) or the workdir it was fine-tuned
+  from (train.init_from)."""
+  origin = config.get("origin") or {}
+  if any(k in origin for k in SPECIAL_TOKENS):
+    return {k: origin.get(k) for k in SPECIAL_TOKENS}
+  parent = None
+  if origin.get("kind") == "hf_import" and origin.get("hf_dir"):
+    path = os.path.join(origin["hf_dir"], "config.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        hf = json.load(f)
+      return {k: hf.get(k) for k in SPECIAL_TOKENS}
+  elif origin.get("kind") == "mha2mla":
+    parent = origin.get("src")
+  elif (config.get("train") or {}).get("init_from"):
+    parent = config["train"]["init_from"]
+  path = os.path.join(parent, "config.json") if parent else None
+  if depth > 8 or not path or not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return special_token_ids(json.load(f), depth + 1)
+
+
+def hf_config(cfg: ModelConfig, special: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The config.json transformers needs for cfg's model; special: its bos / eos / pad token ids
+  (special_token_ids; None where not given)."""
   common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
                 intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.n_layers,
                 num_attention_heads=cfg.n_heads, max_position_embeddings=cfg.max_seq_len,
@@ -81,7 +105,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                 tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
                 rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
                 rope_theta=cfg.rope_theta, dtype="float32", torch_dtype="float32",
-                bos_token_id=None, eos_token_id=None, pad_token_id=None)
+                **{k: (special or {}).get(k) for k in SPECIAL_TOKENS})
   if cfg.attention != "mla":
     return dict(architectures=["LlamaForCausalLM"], model_type="llama",
                 num_key_value_heads=cfg.kv_heads, head_dim=cfg.qk_head_dim, mlp_bias=False,
@@ -97,41 +121,12 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def hf_tensors(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Our {flat name: array} -> HF {tensor name: float32 array} ([out, in] linear weights)."""
+  """Our {flat name: array} -> HF {tensor name: float32 array} ([out, in] linear weights), by
+  hf_names.table: hf_import's mapping run backwards."""
   _check_exportable(cfg)
-  lin = lambda w, n_in=1: np.ascontiguousarray(
-      w.reshape(int(np.prod(w.shape[:n_in])), -1).T.astype(np.float32))
-  out = {"model.embed_tokens.weight": params["embed.table"], "model.norm.weight":
-         params["final_norm.scale"]}
-  if not cfg.tie_embeddings:
-    out["lm_head.weight"] = lin(params["head"])
-  for i in range(cfg.n_layers):
-    hf, ours = f"model.layers.{i}.", f"blocks.{i}."
-    out[hf + "input_layernorm.weight"] = params[ours + "attn_norm.scale"]
-    out[hf + "post_attention_layernorm.weight"] = params[ours + "mlp_norm.scale"]
-    for p in ("gate", "up", "down"):
-      out[hf + f"mlp.{p}_proj.weight"] = lin(params[ours + f"mlp.{p}"])
-    a, at = hf + "self_attn.", ours + "attn."
-    if cfg.attention != "mla":  # Llama: half-split RoPE over the whole head
-      rot = lambda w: _to_layout(w, 0, cfg.rope_layout, "half")
-      out[a + "q_proj.weight"] = lin(rot(params[at + "wq"]))
-      out[a + "k_proj.weight"] = lin(rot(params[at + "wk"]))
-      out[a + "v_proj.weight"] = lin(params[at + "wv"])
-      out[a + "o_proj.weight"] = lin(params[at + "wo"], 2)
-      continue
-    n, c = cfg.nope_dim, cfg.kv_lora_rank
-    rot = lambda w, start: _to_layout(w, start, cfg.rope_layout, "interleaved")
-    if cfg.q_lora_rank:
-      out[a + "q_a_proj.weight"] = lin(params[at + "wq_a"])
-      out[a + "q_a_layernorm.weight"] = params[at + "q_norm.scale"]
-      out[a + "q_b_proj.weight"] = lin(rot(params[at + "wq_b"], n))
-    else:
-      out[a + "q_proj.weight"] = lin(rot(params[at + "wq"], n))
-    out[a + "kv_a_proj_with_mqa.weight"] = lin(rot(params[at + "wkv_a"], c))
-    out[a + "kv_a_layernorm.weight"] = params[at + "kv_norm.scale"]
-    out[a + "kv_b_proj.weight"] = lin(params[at + "wkv_b"])
-    out[a + "o_proj.weight"] = lin(params[at + "wo"], 2)
-  return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+  dst = hf_names.hf_rope_layout(cfg)
+  return {t.hf: hf_names.to_hf(t, params[t.ours], cfg.rope_layout, dst)
+          for t in hf_names.table(cfg)}
 
 
 def export_hf(workdir: str, out_dir: str, which: str | int = "latest",
@@ -145,7 +140,7 @@ def export_hf(workdir: str, out_dir: str, which: str | int = "latest",
     raise HFExportError(f"{out_dir}: already exists; choose a new directory (nothing written)")
   wd, cfg, params = workdir_io.read_workdir(workdir, which)
   tensors = hf_tensors(cfg, params)
-  config = hf_config(cfg)
+  config = hf_config(cfg, special_token_ids(wd.config))
   notes = []
   tmp = f"{os.path.abspath(out_dir).rstrip('/')}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)

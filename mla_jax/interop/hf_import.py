@@ -7,16 +7,7 @@ DeepSeek-V2/V3-style MLA (`deepseek_v2`, `deepseek_v3`) with dense MLPs. Anythin
 cannot reproduce exactly (MoE layers, rope scaling, biases, another activation) is refused with one
 line naming the config field, before anything is written. Layout facts: docs/interop.md.
 
-Name mapping (torch Linear weights are [out, in]; ours are [in, *out]):
-  model.embed_tokens.weight [V, D]          -> embed.table [V, D]
-  lm_head.weight [V, D]                     -> head [D, V] (absent when tied)
-  model.norm.weight                         -> final_norm.scale
-  layers.i.input_layernorm / post_attention_layernorm -> blocks.i.attn_norm / mlp_norm
-  layers.i.mlp.{gate,up,down}_proj          -> blocks.i.mlp.{gate,up,down}
-  Llama:    self_attn.{q,k,v}_proj [H*K, D] -> attn.{wq,wk,wv} [D, H|G, K]; o_proj -> wo [H, K, D]
-  DeepSeek: q_proj | q_a_proj, q_a_layernorm, q_b_proj -> wq | wq_a, q_norm, wq_b [Q, H, N + R]
-            kv_a_proj_with_mqa [C + R, D] -> wkv_a [D, C + R]; kv_a_layernorm -> kv_norm
-            kv_b_proj [H*(N + E), C] -> wkv_b [C, H, N + E]; o_proj [D, H*E] -> wo [H, E, D]
+The tensor names and layouts: mla_jax.interop.hf_names (one table, shared with hf_export).
 DeepSeek's RoPE is interleaved: imported MLA models use rope_layout='interleaved', so the weights
 are copied as they are.
 """
@@ -31,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mla_jax.core.config import ModelConfig
-from mla_jax.interop import safetensors_np, workdir_io
+from mla_jax.interop import hf_names, safetensors_np, workdir_io
 
 LLAMA_TYPES = ("llama", "mistral")
 MLA_TYPES = ("deepseek_v3", "deepseek_v2")  # the same tensors; V2's RoPE is always interleaved
@@ -111,48 +102,21 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 
 
 def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """HF tensors -> {our flat parameter name: float32 array}; every one of our parameters must
-  come from a tensor (missing ones are an error), and HF tensors left over are an error too
-  (except rotary tables and DeepSeek's multi-token-prediction layers, which inference skips)."""
-  used: set[str] = set()
-
-  def get(name: str) -> np.ndarray:
-    if name not in tensors:
-      raise HFImportError(f"safetensors: no tensor {name!r} (the config.json model has it)")
-    used.add(name)
-    return np.asarray(tensors[name], dtype=np.float32)
-
-  h, d = cfg.n_heads, cfg.d_model
-  linear = lambda name, *out: get(name).T.reshape(-1, *out)  # [out, in] -> [in, *out]
-  out = {"embed.table": get("model.embed_tokens.weight"),
-         "final_norm.scale": get("model.norm.weight")}
-  if not cfg.tie_embeddings:
-    out["head"] = get("lm_head.weight").T
-  for i in range(cfg.n_layers):
-    hf, ours = f"model.layers.{i}.", f"blocks.{i}."
-    out[ours + "attn_norm.scale"] = get(hf + "input_layernorm.weight")
-    out[ours + "mlp_norm.scale"] = get(hf + "post_attention_layernorm.weight")
-    for p in ("gate", "up", "down"):
-      out[ours + f"mlp.{p}"] = get(hf + f"mlp.{p}_proj.weight").T
-    a, at = hf + "self_attn.", ours + "attn."
-    if cfg.attention != "mla":
-      k, g = cfg.qk_head_dim, cfg.kv_heads
-      out[at + "wq"] = linear(a + "q_proj.weight", h, k)
-      out[at + "wk"] = linear(a + "k_proj.weight", g, k)
-      out[at + "wv"] = linear(a + "v_proj.weight", g, k)
-      out[at + "wo"] = get(a + "o_proj.weight").T.reshape(h, k, d)
-      continue
-    qk = cfg.nope_dim + cfg.qk_rope_head_dim
-    if cfg.q_lora_rank:
-      out[at + "wq_a"] = get(a + "q_a_proj.weight").T
-      out[at + "q_norm.scale"] = get(a + "q_a_layernorm.weight")
-      out[at + "wq_b"] = linear(a + "q_b_proj.weight", h, qk)
-    else:
-      out[at + "wq"] = linear(a + "q_proj.weight", h, qk)
-    out[at + "wkv_a"] = get(a + "kv_a_proj_with_mqa.weight").T
-    out[at + "kv_norm.scale"] = get(a + "kv_a_layernorm.weight")
-    out[at + "wkv_b"] = linear(a + "kv_b_proj.weight", h, cfg.nope_dim + cfg.v_dim)
-    out[at + "wo"] = get(a + "o_proj.weight").T.reshape(h, cfg.v_dim, d)
+  """HF tensors -> {our flat parameter name: float32 array} (hf_names.table); every one of our
+  parameters must come from a tensor of its shape (missing ones are an error), and HF tensors
+  left over are an error too (except rotary tables and DeepSeek's multi-token-prediction layers,
+  which inference skips)."""
+  shapes = workdir_io.flat_names(cfg)
+  out, names = {}, hf_names.table(cfg)
+  for t in names:
+    if t.hf not in tensors:
+      raise HFImportError(f"safetensors: no tensor {t.hf!r} (the config.json model has it)")
+    want = hf_names.hf_shape(t, shapes[t.ours])
+    if tuple(tensors[t.hf].shape) != want:
+      raise HFImportError(f"safetensors: tensor {t.hf!r} is {tuple(tensors[t.hf].shape)}, the "
+                          f"config.json model needs {want}")
+    out[t.ours] = hf_names.from_hf(t, tensors[t.hf], shapes[t.ours])
+  used = {t.hf for t in names}
   extra = [n for n in tensors if n not in used and not _skippable(n, cfg.n_layers)]
   if extra:
     raise HFImportError(f"safetensors: tensor {extra[0]!r} (and {len(extra) - 1} more) has no "

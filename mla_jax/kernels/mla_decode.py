@@ -11,8 +11,8 @@ Grid (batch b, head block, split): split i covers the slots [i * split_len, (i +
 and writes an unnormalised partial result over the visible ones (flash-decoding):
   m[h] = max_j s[h, j],  l[h] = sum_j exp(s[h, j] - m[h]),  o[h] = sum_j exp(s[h, j] - m[h]) c_j
 with s[h, j] = (q~[h] . c_j + q_R[h] . k_R[j]) * scale, over slots j < lengths[b] (per-row fill
-levels: ragged batches). Splits let small batches fill the GPU; `combine_partials` merges them with
-a log-sum-exp, the same merge a sequence-sharded cache needs across devices.
+levels: ragged batches). Splits let small batches fill the GPU; core/ops.py's `combine_partials`
+merges them with a log-sum-exp, the same merge a sequence-sharded cache needs across devices.
 
 Shapes: q_latent [B, H, C] (W_UK already folded in), q_rope [B, H, R], c [B, S, C],
 k_rope [B, S, R], lengths [B] int32. Any C, R, H and S >= 1: on GPU (Triton) the loaded tiles
@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-_NEG = -1e30  # finite "minus infinity" (as core/attention.py): empty splits stay NaN-free
+from mla_jax.core import ops
+
 _MIN_TILE = 16  # Triton's tl.dot needs every side >= 16
 _TARGET_PROGRAMS = 264  # ~2 programs per SM on H100 / H200 (132 SMs): enough splits to fill them
 
@@ -115,7 +116,7 @@ def _kernel(len_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, m_ref, l_ref, *, heads
     k_blk = load(kr_ref.at[rows, :], every_slot, r_ok, False, r_pad != rope).astype(q_r.dtype)
     s = (dot(q, c_blk, trans_b=True) + dot(q_r, k_blk, trans_b=True)) * scale  # [block_h, block_s]
     slot = start + jnp.arange(block_s)
-    s = jnp.where(((slot >= first) & (slot < hi))[None, :], s, _NEG)
+    s = jnp.where(((slot >= first) & (slot < hi))[None, :], s, ops.NEG)
     m_next = jnp.maximum(m, s.max(axis=-1))
     correction = jnp.exp(m - m_next)
     p = jnp.exp(s - m_next[:, None])
@@ -123,7 +124,7 @@ def _kernel(len_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, m_ref, l_ref, *, heads
     o = correction[:, None] * o + dot(p.astype(c_blk.dtype), c_blk)  # the same c tile: read once
     return o, m_next, l
 
-  carry = (jnp.zeros((block_h, c_pad), jnp.float32), jnp.full((block_h,), _NEG, jnp.float32),
+  carry = (jnp.zeros((block_h, c_pad), jnp.float32), jnp.full((block_h,), ops.NEG, jnp.float32),
            jnp.zeros((block_h,), jnp.float32))
   o, m, l = jax.lax.fori_loop(0, pl.cdiv(jnp.maximum(hi - lo, 0), block_s), body, carry)
 
@@ -193,28 +194,12 @@ def mla_decode_partials(q_latent, q_rope, c, k_rope, lengths, scale: float, *, b
   )(lengths.astype(jnp.int32), q_latent, q_rope, c, k_rope)
 
 
-def combine_partials(o, m, l, axis: int = 1):
-  """Log-sum-exp merge of partial softmax results along `axis` (splits, devices, key blocks).
-
-  o [..., P, ..., C] unnormalised sums (exp(s - m) weighted), m and l [..., P, ...] (o without its
-  last axis): each part's running max and sum. Returns (o, m, l) without `axis`, still
-  unnormalised: the result over all parts' keys is o / l. A part with no keys (m = -1e30, l = 0,
-  o = 0) contributes nothing; if every part is empty, l stays 0.
-  """
-  m_all = m.max(axis=axis, keepdims=True)
-  w = jnp.exp(m - m_all)
-  return ((o * w[..., None]).sum(axis=axis), jnp.squeeze(m_all, axis), (l * w).sum(axis=axis))
-
-
-def normalise(o, l):
-  """o / l, with 0 where l = 0 (no visible key)."""
-  return jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-
-
 def mla_decode_partial(q_latent, q_rope, c, k_rope, lengths, scale: float, **kw):
   """The kernel with its splits merged: (o [B, H, C] float32 unnormalised, m [B, H], l [B, H]),
-  ready to merge (combine_partials) with other key blocks, e.g. the decode step's own new token."""
-  return combine_partials(*mla_decode_partials(q_latent, q_rope, c, k_rope, lengths, scale, **kw))
+  ready to merge (ops.combine_partials) with other key blocks, e.g. the decode step's own new
+  token."""
+  return ops.combine_partials(*mla_decode_partials(q_latent, q_rope, c, k_rope, lengths, scale,
+                                                   **kw))
 
 
 def mla_decode_attention(q_latent, q_rope, c, k_rope, lengths, scale: float, **kw):
@@ -224,18 +209,15 @@ def mla_decode_attention(q_latent, q_rope, c, k_rope, lengths, scale: float, **k
   Keywords: block_h, block_s, num_splits, interpret, num_warps, num_stages (mla_decode_partials).
   """
   o, _, l = mla_decode_partial(q_latent, q_rope, c, k_rope, lengths, scale, **kw)
-  return normalise(o, l).astype(q_latent.dtype)
+  return ops.normalise(o, l).astype(q_latent.dtype)
 
 
 def reference_partial(q_latent, q_rope, c, k_rope, lengths, scale: float):
-  """Plain-JAX (o, m, l) as mla_decode_partial computes them: the tests' reference."""
+  """Plain-JAX (o, m, l) as mla_decode_partial computes them, from core/ops.py's latent scores and
+  partial (float32 values at full precision): the tests' reference."""
   f32 = jnp.float32
-  s = (jnp.einsum("BHC,BSC->BHS", q_latent, c.astype(q_latent.dtype), preferred_element_type=f32)
-       + jnp.einsum("BHR,BSR->BHS", q_rope, k_rope.astype(q_rope.dtype),
-                    preferred_element_type=f32)) * scale
+  s = ops.latent_scores(q_latent[:, None], q_rope[:, None], c.astype(q_latent.dtype),
+                        k_rope.astype(q_rope.dtype), scale)[:, :, 0]  # [B, H, S]
   visible = (jnp.arange(c.shape[1]) < lengths[:, None])[:, None, :]  # [B, 1, S]
-  s = jnp.where(visible, s, _NEG)
-  m = s.max(axis=-1)
-  p = jnp.where(visible, jnp.exp(s - m[..., None]), 0.0)
-  o = jnp.einsum("BSC,BHS->BHC", c.astype(f32), p, precision=jax.lax.Precision.HIGHEST)
-  return o, m, p.sum(axis=-1)
+  return ops.partial(s, visible, lambda p: jnp.einsum("BSC,BHS->BHC", c.astype(f32), p,
+                                                      precision=jax.lax.Precision.HIGHEST))

@@ -6,11 +6,11 @@ scorer and greedy generation, all with fixed shapes (each traces once per policy
     logits, cache = prefill(model, cache, prompt, policy)        # prompt [B, P], chunks <= budget
     logits, cache = decode_step(graphdef, state, cache, tok, policy)   # tok [B, 1]
 
-Attention is the model's own (its parameters, RoPE, absorbed MLA), written here over the [B, G,
-S, W] budget layout so that it also returns the attention each slot drew: the policies' scores.
-The new tokens attend over the slots in use and themselves with one softmax (attention.
-causal_probs), then are inserted (evict.py). MLA scores come from the absorbed path: one
-head-averaged score per latent slot.
+Attention is the model's own (its parameters, RoPE, absorbed MLA) and core/ops.py's math, over
+the slots the budget layout [B, G, S, W] holds, so that it also returns the attention each slot
+drew: the policies' scores. The new tokens attend over the slots in use and themselves with one
+softmax (ops.cached_probs), then are inserted (evict.py). MLA is absorbed (ops.absorb_query, then
+this budget cache as its latent backend, then W_UV): one head-averaged score per latent slot.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mla_jax.core.attention import causal_probs
+from mla_jax.core import ops
 from mla_jax.core.layers import apply_rope, dense, rope_angles
 from mla_jax.kvcompress import budget as budget_lib
 from mla_jax.kvcompress import evict
@@ -50,11 +50,10 @@ def _gqa(attn, x, qpos, layer, cache, policy, specs, flags):
   g = k.shape[2]
   qg = q.reshape(b, t, g, h // g, kd)
   scale = kd ** -0.5
-  s_old = jnp.einsum("BTGMK,BGSK->BGMTS", qg, k_old, preferred_element_type=jnp.float32) * scale
-  s_new = jnp.einsum("BTGMK,BUGK->BGMTU", qg, k, preferred_element_type=jnp.float32) * scale
-  p_old, p_new = causal_probs(s_new, s_old, cache.n_valid)
-  o = (jnp.einsum("BGSK,BGMTS->BTGMK", v_old, p_old.astype(dt))
-       + jnp.einsum("BUGK,BGMTU->BTGMK", v, p_new.astype(dt)))
+  slots_first = lambda x: x.transpose(0, 2, 1, 3)  # the budget's [B, G, S, K] -> [B, S, G, K]
+  s_old = ops.gqa_scores(qg, slots_first(k_old), scale)
+  p_old, p_new = ops.cached_probs(s_old, ops.gqa_scores(qg, k, scale), cache.n_valid)
+  o = ops.gqa_attend(slots_first(v_old), p_old, dt) + ops.gqa_attend(v, p_new, dt)
   out = dense(o.reshape(b, t, h, kd), c(attn.wo), n_in=2)
   aux = jnp.zeros((b, g, t), jnp.float32)
   if policy.name == "l2norm":
@@ -83,16 +82,12 @@ def _mla(attn, x, qpos, layer, cache, policy, specs, flags):
   wo = attn.wo[...].astype(dt)
   w_uk, w_uv = wkv_b[..., :n], wkv_b[..., n:]  # [C, H, N], [C, H, E]
   scale = (n + cfg.qk_rope_head_dim) ** -0.5
-  q_c = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
-
-  def scores(c_, kr):  # [B, S, C], [B, S, R] -> [B, H, T, S]
-    return (jnp.einsum("BTHC,BSC->BHTS", q_c, c_, preferred_element_type=jnp.float32)
-            + jnp.einsum("BTHR,BSR->BHTS", q_rope, kr, preferred_element_type=jnp.float32)) * scale
-
-  p_old, p_new = causal_probs(scores(latent, k_rope), scores(c_old, kr_old), cache.n_valid)
-  o = (jnp.einsum("BSC,BHTS->BTHC", c_old, p_old.astype(dt))
-       + jnp.einsum("BSC,BHTS->BTHC", latent, p_new.astype(dt)))
-  out = dense(jnp.einsum("BTHC,CHE->BTHE", o, w_uv), wo, n_in=2)
+  q_c = ops.absorb_query(q_nope, w_uk)
+  s_new = ops.latent_scores(q_c, q_rope, latent, k_rope, scale)
+  p_old, p_new = ops.cached_probs(ops.latent_scores(q_c, q_rope, c_old, kr_old, scale), s_new,
+                                  cache.n_valid)
+  o = ops.latent_attend(c_old, p_old, dt) + ops.latent_attend(latent, p_new, dt)
+  out = dense(ops.expand_values(o, w_uv), wo, n_in=2)
   b, t = x.shape[:2]
   aux = jnp.zeros((b, 1, t), jnp.float32)
   if policy.name == "l2norm":  # the absorbed path's key is [c; k_R]

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
+import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mla_jax.core import cache as cache_lib
 from mla_jax.core import generate as core_generate
+from mla_jax.core.model import init_cache
+from mla_jax.evaluation.decode_speed import step_times
 from mla_jax.kvcompress import budget as budget_lib
 from mla_jax.kvcompress import decode
 from mla_jax.kvcompress.policy import Policy, validate
@@ -120,7 +121,7 @@ def own_cache_bpb(model, val, bytes_per_token: float, seq_len: int, windows: int
   @jax.jit
   def run(state, tokens):
     m = nnx.merge(graphdef, state)
-    _, cache = m.extend(tokens[:, :prefix], cache_lib.init_cache(cfg, windows, seq_len))
+    _, cache = m.extend(tokens[:, :prefix], init_cache(cfg, windows, seq_len))
     logits, _ = m.extend(tokens[:, prefix:seq_len], cache)
     return logits, cache
 
@@ -171,22 +172,17 @@ def passkey(model, tokenizer, policy: Policy, length: int, trials: int = 8, seed
 
 
 def decode_ms(model, policy: Policy, context: int, steps: int = 16) -> dict:
-  """ms per decode step at batch 1 once `context` tokens went in: this policy, no eviction (the
-  same code, budget = context), and the model's own cache (core.generate.decode_step)."""
+  """Median ms per decode step at batch 1 once `context` tokens went in (decode_speed.step_times):
+  this policy, no eviction (the same code, budget = context), and the model's own cache
+  (core.generate.decode_step)."""
   cfg = model.cfg
   graphdef, state = nnx.split(model)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, context + steps)),
                        jnp.int32)
 
-  def timed(step, cache):
-    tok = tokens[:, context:context + 1]
-    _, cache = step(cache, tok)  # compile
-    jax.block_until_ready(cache)
-    start = time.perf_counter()
-    for i in range(steps):
-      _, cache = step(cache, tokens[:, context + i:context + i + 1])
-    jax.block_until_ready(cache)
-    return (time.perf_counter() - start) / steps * 1e3
+  def timed(step, cache):  # one warm-up step (the compile) at position context
+    times, _, _ = step_times(step, cache, tokens[:, context - 1:], steps)
+    return 1e3 * statistics.median(times)
 
   out = {}
   for name, p in (("policy", policy), ("no_eviction", dataclasses.replace(policy, name="none",
@@ -194,7 +190,7 @@ def decode_ms(model, policy: Policy, context: int, steps: int = 16) -> dict:
     cache = budget_lib.init_cache(cfg, p, 1, context + steps + 1)
     _, cache = decode.prefill(model, cache, tokens[:, :context], p, chunk=min(context, 256))
     out[name] = timed(lambda c, t, p=p: decode.decode_step(graphdef, state, c, t, p), cache)
-  cache = cache_lib.init_cache(cfg, 1, context + steps + 1)
+  cache = init_cache(cfg, 1, context + steps + 1)
   _, cache = jax.jit(lambda s, c, t: nnx.merge(graphdef, s).extend(t, c))(state, cache,
                                                                           tokens[:, :context])
   out["model"] = timed(lambda c, t: core_generate.decode_step_jit(graphdef, state, c, t), cache)

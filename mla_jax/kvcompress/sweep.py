@@ -24,7 +24,7 @@ import jax
 
 from mla_jax.core.config import kv_cache_bytes_per_token
 from mla_jax.kvcompress import evaluate
-from mla_jax.kvcompress.policy import Policy, validate
+from mla_jax.kvcompress.policy import Policy, PolicyError, validate
 
 
 def find_workdirs(runs_dir: str) -> list[str]:
@@ -56,6 +56,31 @@ def configs(policies, ratios, quants, compose: bool) -> list[tuple[str, float, s
   return out
 
 
+def plan_points(seq_len: int, policies, ratios, quants, compose: bool
+                ) -> tuple[list[tuple[str, float, str, Policy]], list[dict]]:
+  """The points of one model with training window seq_len: ([(policy, ratio, quant, Policy)],
+  [skipped: {policy, quant, ratio, budget, reason}]). A point whose budget cannot hold the
+  policy's sinks and window (a short window, a high ratio) is skipped, not measured; computed
+  from the window alone, so every model's infeasible points are known before anything runs."""
+  points, skipped = [], []
+  for name, ratio, quant in configs(policies, ratios, quants, compose):
+    # The fraction evicted is of the compressed context: the prefix (the first half).
+    kept = max(1, round((1 - ratio) * (seq_len - seq_len // 2))) if ratio else 0
+    try:
+      policy = evaluate.policy_from_flags(name, str(kept), quant, context=seq_len)
+    except PolicyError as e:
+      reason = str(e).split(": ", 1)[-1]  # the flag named there is this point's budget
+      skipped.append({"policy": name, "quant": quant, "ratio": ratio, "budget": kept,
+                      "reason": reason})
+      continue
+    points.append((name, ratio, quant, policy))
+  return points, skipped
+
+
+def point_name(run: str, point: dict) -> str:
+  return f"{run}: {point['policy']} {point['quant']} evict {point['ratio']:g}"
+
+
 def run_compress_sweep(runs_dir: str, out: str, policies=("streaming", "h2o", "tova", "snapkv"),
                        ratios=evaluate.RATIOS, quants=("none", "int8", "int4"),
                        compose: bool = False, windows: int = 8, passkey_lengths=(),
@@ -72,6 +97,15 @@ def run_compress_sweep(runs_dir: str, out: str, policies=("streaming", "h2o", "t
   settings = {"policies": list(policies), "ratios": list(ratios), "quants": list(quants),
               "compose": compose, "windows": windows, "passkey_lengths": list(passkey_lengths),
               "passkey_trials": passkey_trials}
+  from mla_jax.storage.workdir import Workdir
+
+  skipped = []  # before measuring anything: every infeasible point, named
+  for wd_path in workdirs:
+    run = os.path.basename(wd_path)
+    for p in plan_points(Workdir.open(wd_path).config["data"]["seq_len"], policies, ratios,
+                         quants, compose)[1]:
+      skipped.append({"run": run, **p})
+      progress(f"skipped {point_name(run, p)} (budget {p['budget']} slots): {p['reason']}")
   measured = 0
   for wd_path in workdirs:
     run = os.path.basename(wd_path)
@@ -92,7 +126,7 @@ def run_compress_sweep(runs_dir: str, out: str, policies=("streaming", "h2o", "t
   result = {"runs_dir": os.path.relpath(runs_dir) if os.path.isabs(runs_dir) else runs_dir,
             "rows": rows, "ratios": list(ratios), "windows": windows,
             "seconds": time.perf_counter() - started, "workdirs_measured": measured,
-            "workdirs": len(workdirs)}
+            "workdirs": len(workdirs), "skipped": skipped}
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(result, f, indent=1)
   write_report(result, out, passkey_lengths)
@@ -158,10 +192,7 @@ def _workdir_rows(wd_path, policies, ratios, quants, compose, windows, passkey_l
     return row
 
   rows = [point(validate(Policy(), seq_len), 0.0)]
-  for name, ratio, quant in configs(policies, ratios, quants, compose):
-    # The fraction evicted is of the compressed context: the prefix (the first half).
-    kept = max(1, round((1 - ratio) * (seq_len - seq_len // 2))) if ratio else 0
-    policy = evaluate.policy_from_flags(name, str(kept), quant, context=seq_len)
+  for name, ratio, _quant, policy in plan_points(seq_len, policies, ratios, quants, compose)[0]:
     if name == "fastgen":
       policy = dataclasses.replace(policy, punct_ids=evaluate.punct_ids(tok))
     rows.append(point(policy, ratio))
@@ -212,6 +243,11 @@ def write_report(result: dict, out: str, passkey_lengths=()) -> None:
     lines += [f"- {r['run']}: {r['compression']:.2f}x compression, "
               f"{r['bytes_per_token']:.0f} B/token used, {r['allocated_bytes_per_token']:.0f} "
               "allocated" for r in designed if "compression" in r]
+  if result.get("skipped"):
+    lines += ["", "Skipped (the budget cannot hold the policy's sinks and recent window at this "
+              "training window; not measured):"]
+    lines += [f"- {point_name(p['run'], p)} (budget {p['budget']} slots): {p['reason']}"
+              for p in result["skipped"]]
   lines += ["", f"{len(rows)} points; this command took {result['seconds']:.0f} s"
             + (f" and measured {result['workdirs_measured']} of the {result['workdirs']} models "
                "(the others' rows were reused from rows/)" if "workdirs" in result else "")

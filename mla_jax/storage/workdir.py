@@ -13,15 +13,17 @@ Layout (written by training.trainer):
     metrics.jsonl, tb/   training logs
 
 Every problem a user can cause (no such directory, no config.json, no checkpoint, a checkpoint
-that does not match the config) is a `WorkdirError` whose message is one line naming the path.
+that does not match the config, a damaged one) is a `WorkdirError` whose message is one line
+naming the path. A damaged newest step is skipped for 'latest' (Workdir.load), as in training.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from flax import nnx
@@ -29,12 +31,18 @@ from flax import nnx
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.model import diff_param_shapes, param_shapes, path_names
 from mla_jax.experiment import ExperimentConfig
-from mla_jax.storage.checkpoint import Checkpointer, abstract_with_shardings, checkpoint_steps
+from mla_jax.storage.checkpoint import (
+    Checkpointer,
+    abstract_with_shardings,
+    checkpoint_steps,
+    first_line,
+)
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger(__name__)
 
 
 class WorkdirError(ValueError):
@@ -189,15 +197,49 @@ class Workdir:
                          f"model: {what}")
 
   def load_model(self, which: str | int = "latest", mesh=None, rules=None) -> nnx.Module:
-    """The trained Transformer of checkpoint `which`.
+    """The trained Transformer of checkpoint `which` (load() without the step)."""
+    return self.load(which, mesh, rules)[1]
+
+  def load(self, which: str | int = "latest", mesh=None, rules=None,
+           warn: Callable[[str], None] | None = None) -> tuple[int, nnx.Module]:
+    """(step, the trained Transformer of checkpoint `which`).
 
     Without a mesh it lives on the default device; with one, every parameter is restored
     straight into its sharding from core.sharding's table (no full copy on one device).
+    A damaged step (its files unreadable, though its shapes are config.json's) is a WorkdirError
+    saying so and naming the other steps (--which=N); for 'latest' the newest readable step is
+    loaded instead, as training does, and warn(message) hears which (default: a logged
+    warning). Nothing is moved or deleted here (training moves a damaged step aside).
     """
+    step = self.resolve_step(which)
+    warn = warn or log.warning
+    tried = []
+    candidates = [step] + ([s for s in reversed(self.steps) if s < step]
+                           if str(which) == "latest" else [])
+    for s in candidates:
+      try:
+        model = self._restore(s, mesh, rules)
+      except _Damaged as e:
+        tried.append(f"step {s}: {e}")
+        continue
+      if s != step:
+        warn(f"{self.checkpoint_dir}/{step}: checkpoint is damaged ({tried[0].split(': ', 1)[1]}); "
+             f"using step {s}, the newest readable one")
+      return s, model
+    if len(candidates) > 1:
+      raise WorkdirError(f"{self.checkpoint_dir}: no checkpoint is readable ("
+                         + "; ".join(tried) + ")")
+    others = [s for s in self.steps if s != step]
+    raise WorkdirError(f"{self.checkpoint_dir}/{step}: checkpoint is damaged "
+                       f"({tried[0].split(': ', 1)[1]})"
+                       + (f"; other steps: {others} (--which=N)" if others else ""))
+
+  def _restore(self, step: int, mesh, rules) -> nnx.Module:
+    """Restores one step; _Damaged when its files cannot be read (check_checkpoint has found
+    the shapes right, so a failure is the files', not the config's)."""
     from mla_jax.core import sharding as shd
     from mla_jax.core.model import abstract_model
 
-    step = self.resolve_step(which)
     cfg = self.model_config
     self.check_checkpoint(step)
     graphdef, params = nnx.split(abstract_model(cfg))
@@ -209,10 +251,16 @@ class Workdir:
     with self._checkpointer() as ckpt:
       try:
         restored, _, _ = ckpt.restore(step, abstract_with_shardings(params, shardings))
-      except Exception as e:  # orbax / tensorstore errors on a checkpoint the config can't describe
-        raise WorkdirError(f"{self.checkpoint_dir}/{step}: checkpoint does not match config.json's "
-                           f"model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+      except Exception as e:  # orbax / tensorstore errors: a truncated or missing file
+        reason = first_line(e, 240).split(". See full TensorStore")[0]
+        raise _Damaged(f"unreadable: {type(e).__name__}: {reason}") from None
+      finally:
+        gc.collect()  # the failed reads' coroutines (checkpoint.RESTORE_DEBRIS)
     return nnx.merge(graphdef, restored)
+
+
+class _Damaged(Exception):
+  """A checkpoint step whose files cannot be read."""
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:

@@ -48,7 +48,7 @@ class MetricsLogger:
   """One JSON object per logged step in workdir/metrics.jsonl, the same scalars in TensorBoard."""
 
   def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True,
-               interactive: bool | None = None):
+               interactive: bool | None = None, log_every: int | None = None):
     self.enabled = enabled
     if not enabled:
       return
@@ -66,6 +66,9 @@ class MetricsLogger:
     self.pending = collections.deque()  # (step, an output array of that step) not yet finished
     self.last: dict = {}
     self.started = time.perf_counter()
+    # Said once the first step has run (compilation included), so a log file shows a sign of life
+    # long before the first status line, which waits log_every steps.
+    self.log_every = log_every
 
   def dispatched(self, step: int, output) -> None:
     """The loop dispatched `step`; `output` (a jax.Array it produces) is ready when it is done."""
@@ -73,7 +76,12 @@ class MetricsLogger:
       return
     self.pending.append((step, output))
     while self.pending and self.pending[0][1].is_ready():
+      first = self.done == self.start
       self._completed(self.pending.popleft()[0])
+      if first and self.log_every and self.log_every > 1:
+        self.message(f"step {self.done}/{self.total} done after "
+                     f"{time.perf_counter() - self.started:.1f} s (compilation included); the "
+                     f"status line follows every {self.log_every} steps")
 
   def log(self, step: int, metrics: dict) -> None:
     """Records metrics of a finished step (the caller fetched them, so the step is done)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -26,144 +25,43 @@ from mla_jax import distributed
 from mla_jax.core import sharding as shd
 from mla_jax.core.config import ModelConfig
 from mla_jax.core.model import (
-    Transformer,
-    abstract_model,
-    count_params,
-    diff_param_shapes,
-    param_shapes,
+  Transformer,
+  abstract_model,
+  count_params,
 )
 from mla_jax.data import corpus as data_lib
 from mla_jax.data import pipeline
-from mla_jax.evaluation.metrics import Evaluator
+from mla_jax.evaluation.metrics import EvalInterrupted, Evaluator
 from mla_jax.evaluation.perf import measure_peak_flops, train_flops_per_token
-from mla_jax.evaluation.report import write_run_plot
+from mla_jax.evaluation.plots import write_run_plot
 from mla_jax.experiment import ExperimentConfig
 from mla_jax.storage.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
-from mla_jax.storage.workdir import TOKENIZER_DIR, Workdir, WorkdirError
+from mla_jax.storage.workdir import TOKENIZER_DIR, Workdir
 from mla_jax.training.health import make_health_fn
 from mla_jax.training.logger import MetricsLogger, read_metrics
 from mla_jax.training.optim import make_optimizer
+from mla_jax.training.preflight import (
+  changes_text,
+  check_config,
+  check_process_rows,
+  check_workdir,
+  epochs,
+  init_from_workdir,
+  peak_warning,
+  setting_changes,
+)
 from mla_jax.training.step import TrainState, make_train_step
+from mla_jax.training.stop import AgreedStop, StopFlag
 
 log = logging.getLogger(__name__)
 # Above this many passes over the training split the run is told it will mostly memorise.
 MAX_EPOCHS_QUIET = 4
 MAX_IN_FLIGHT = 2  # train steps dispatched ahead of the one the host waits for
+PROGRESS_EVERY_S = 2.0  # the final evaluation's progress lines, at most one per this many s
 
 
 class NonFiniteError(RuntimeError):
   pass
-
-
-# Config checks: cheap, before any data or compile ------------------------------------------------
-
-
-def parse_rules(text: str) -> dict[str, Any]:
-  """'embed=tensor,mlp=None,batch=data+fsdp' -> {'embed': 'tensor', 'mlp': None, ...}."""
-  rules = {}
-  for item in filter(None, (s.strip() for s in text.split(","))):
-    if "=" not in item:
-      raise ValueError(f"mesh.rules: {item!r} is not of the form logical=mesh_axis")
-    name, target = (s.strip() for s in item.split("=", 1))
-    rules[name] = None if target in ("", "None") else (
-        tuple(target.split("+")) if "+" in target else target)
-  return shd.make_rules(rules)
-
-
-def check_config(exp: ExperimentConfig) -> tuple[dict[str, int], dict[str, Any]]:
-  """The checks that need the devices (mesh, batch split); returns (mesh sizes, rules)."""
-  t = exp.train
-  try:
-    sizes = shd.resolve_mesh_shape(exp.mesh.shape, jax.device_count())
-  except ValueError as e:
-    if not str(e).startswith("mesh: "):
-      raise
-    shape = " x ".join(f"{a}={n}" for a, n in exp.mesh.shape.items())
-    procs = jax.process_count()
-    raise ValueError(f"mesh: {shape} (--config.mesh.data/fsdp/tensor/sequence) does not match "
-                     f"the {jax.device_count()} devices ({procs} process{'es' * (procs > 1)} x "
-                     f"{jax.local_device_count()}); set one axis to -1 to fill") from None
-  rules = parse_rules(exp.mesh.rules)
-  dp = shd.data_parallel_size(sizes, rules)
-  if t.global_batch % (dp * t.microbatches):
-    raise ValueError(f"train.global_batch: {t.global_batch} is not divisible by data-parallel "
-                     f"size {dp} x train.microbatches {t.microbatches}")
-  if t.global_batch % jax.process_count():
-    raise ValueError(f"train.global_batch: {t.global_batch} is not divisible by the "
-                     f"{jax.process_count()} processes")
-  return sizes, rules
-
-
-def check_process_rows(mesh, rules, global_batch: int) -> None:
-  """Each process feeds its own rows of the batch (pipeline shards by process), so no two
-  processes may hold the same rows: the batch axes must split across processes."""
-  if jax.process_count() == 1:
-    return
-  index = shd.batch_sharding(mesh, rules).devices_indices_map((global_batch, 1))
-  owners = collections.defaultdict(set)
-  for device, (rows, _) in index.items():
-    owners[(rows.start, rows.stop)].add(device.process_index)
-  if any(len(p) > 1 for p in owners.values()):
-    raise ValueError(f"mesh: the batch axes ({rules['batch']}) must split across the "
-                     f"{jax.process_count()} processes, but processes share batch rows with mesh "
-                     f"{dict(mesh.shape)}; keep tensor and sequence axes within a process")
-
-
-def check_workdir(workdir: str, config_dict: dict, model_cfg: ModelConfig, allow_change: bool):
-  """Refuses to resume a workdir whose saved model differs, naming every differing field.
-
-  With allow_change, a change is accepted only if every parameter keeps its shape (e.g. dtype,
-  mla_*_impl, rope_layout, norm_eps, remat): the checkpoint then restores into the new model.
-  The change is appended to config_dict['config_changes'] (the history config.json keeps).
-  """
-  if not Workdir.exists(workdir):
-    return
-  saved = Workdir.open(workdir)
-  if "config_changes" in saved.config:  # the history so far, kept across resumes
-    config_dict["config_changes"] = list(saved.config["config_changes"])
-  old_cfg = saved.model_config
-  diff = old_cfg.diff(model_cfg)
-  if not diff:
-    return
-  fields = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, a, b in
-                     ((k, *v) for k, v in sorted(diff.items())))
-  if not allow_change:
-    raise ValueError(f"{saved.config_path}: workdir holds a different model ({fields}); use a new "
-                     "--workdir, or set --config.train.allow_config_change=True to fine-tune "
-                     "from it")
-  bad = [f"{k}: {a} -> {b}" for k, a, b in diff_param_shapes(param_shapes(old_cfg),
-                                                              param_shapes(model_cfg))]
-  if bad:
-    raise ValueError(
-        f"train.allow_config_change: the change ({fields}) changes the shape of {len(bad)} "
-        f"parameter arrays ({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}), so the "
-        f"checkpoint in {workdir} cannot be restored into it; only shape-preserving changes can "
-        "continue a workdir: use a new --workdir")
-  log.warning("train.allow_config_change: continuing %s with a changed model (%s)", workdir, fields)
-  config_dict.setdefault("config_changes", []).append(
-      {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-       "model": {k: [a, b] for k, (a, b) in sorted(diff.items())}})
-
-
-def init_from_workdir(exp: ExperimentConfig) -> tuple[ExperimentConfig, Workdir]:
-  """train.init_from: the model (every field) and the tokenizer kind come from that workdir, the
-  data, optimiser and loop from this config. Returns (the experiment with that model, the
-  Workdir); a workdir without a checkpoint is a ValueError naming train.init_from."""
-  try:
-    wd = Workdir.open(exp.train.init_from)
-    wd.resolve_step("latest")
-    src = wd.experiment
-  except WorkdirError as e:
-    raise ValueError(f"train.init_from: {e}") from None
-  config = exp.to_dict()
-  config["model"] = dict(wd.config["model"])
-  config["data"].update(tokenizer=src.data.tokenizer, vocab_size=src.data.vocab_size)
-  return ExperimentConfig.from_config(config), wd
-
-
-def epochs(exp: ExperimentConfig, train_tokens: int) -> float:
-  """How many times the run sees its training split."""
-  return exp.train.steps * exp.train.global_batch * exp.data.seq_len / max(train_tokens, 1)
 
 
 # State ------------------------------------------------------------------------------------------
@@ -184,61 +82,6 @@ def _opt_item(state: TrainState) -> dict:
           "first_bad_step": state.first_bad_step}
 
 
-class _StopFlag:
-  """SIGTERM / SIGINT ask the loop to finish its step, checkpoint and exit cleanly."""
-
-  def __init__(self):
-    self.requested = None
-    self.previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self.previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread (e.g. some test runners): no handler
-        pass
-
-  def _handle(self, signum, frame):
-    if self.requested is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C means now
-    self.requested = signal.Signals(signum).name
-
-  def restore(self):
-    for sig, handler in self.previous.items():
-      signal.signal(sig, handler)
-
-
-class _AgreedStop:
-  """Several processes must stop after the same step (the checkpoint is a collective), but a
-  SIGTERM reaches each at its own moment. Each step every process contributes its flag to a
-  tiny max-reduction, dispatched asynchronously like the step; the result of step s is read at
-  step s + lag, when it is done, so all processes see the same value at the same step and the
-  host never waits for it. One process: the local flag, at once (no collective)."""
-
-  def __init__(self, flag: _StopFlag, lag: int):
-    self.flag, self.lag, self.votes, self.agreed = flag, lag, collections.deque(), False
-    if jax.process_count() == 1:
-      return
-    from jax.sharding import Mesh
-
-    rows = [[d for d in jax.devices() if d.process_index == p] for p in range(jax.process_count())]
-    mesh = Mesh(np.array(rows), ("process", "local"))
-    self.sharding = NamedSharding(mesh, PartitionSpec("process"))
-    self.vote = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-  @property
-  def requested(self) -> str | None:
-    if jax.process_count() == 1:
-      return self.flag.requested
-    return (self.flag.requested or "SIGTERM (another process)") if self.agreed else None
-
-  def step_done(self) -> None:
-    if jax.process_count() == 1:
-      return
-    local = np.array([self.flag.requested is not None], np.int32)
-    self.votes.append(self.vote(jax.make_array_from_process_local_data(self.sharding, local)))
-    if len(self.votes) > self.lag:
-      self.agreed = self.agreed or bool(self.votes.popleft())
-
-
 # The loop ---------------------------------------------------------------------------------------
 
 
@@ -247,7 +90,8 @@ def train(config, workdir: str) -> dict[str, Any]:
 
   config: an ml-collections ConfigDict (or dict) of an experiment file, or an ExperimentConfig.
   Nothing is created on disk until the config and the data have been checked; a workdir whose
-  run already finished is reported and left unchanged.
+  run already finished is reported and left unchanged (settings passed again differently are
+  named as ignored), except that a final evaluation interrupted by a stop signal is run.
   """
   exp = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_config(config)
   init_wd = None
@@ -271,17 +115,18 @@ def train(config, workdir: str) -> dict[str, Any]:
   config_dict["model"] = model_cfg.to_dict()
   config_dict["data"]["source"] = d.resolved_source  # what was read, for eval.py and resumes
   check_workdir(workdir, config_dict, model_cfg, t.allow_config_change)
+  saved = Workdir.open(workdir).config if Workdir.exists(workdir) else None
   # Every process has read the data and the workdir before process 0 writes into it (a peer
   # reading a half-written tokenizer or config.json would fail).
   distributed.barrier("workdir_checked")
 
-  # Validated: from here on the workdir is written (config.json only when it changes, so a
-  # finished run re-run is left exactly as it was).
+  # Validated: from here on the workdir is written. A new run's config.json now; an existing
+  # run's once the checkpoint says whether it continues (a finished run keeps its settings).
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     if corpus.tokenizer is not None and not os.path.isdir(tok_dir):
       corpus.tokenizer.save(tok_dir)  # evaluation and sampling need only the workdir
-    if not Workdir.exists(workdir) or Workdir.open(workdir).config != config_dict:
+    if saved is None:
       Workdir.write_config(workdir, config_dict)
 
   mesh = distributed.make_mesh(sizes, exp.mesh.dcn)
@@ -332,27 +177,60 @@ def train(config, workdir: str) -> dict[str, Any]:
       state = state.replace(skipped=jax.device_put(np.int32(0), state_sh.skipped),
                             first_bad_step=jax.device_put(np.int32(-1), state_sh.first_bad_step))
   start = int(state.step)
-  if start >= t.steps:  # the newest readable checkpoint is the last step: nothing to do
+  changes = setting_changes(saved, config_dict) if saved is not None else []
+  finished = start >= t.steps  # the newest readable checkpoint is the last step
+  if is_main and saved is not None:
+    # A finished run keeps the settings it was trained with (only an allowed model change and its
+    # history are recorded); one that trains on takes this run's.
+    keep = ({**saved, "model": config_dict["model"],
+             **{k: config_dict[k] for k in ("config_changes",) if k in config_dict}}
+            if finished else config_dict)
+    if keep != saved:
+      Workdir.write_config(workdir, keep)
+  evaluator = Evaluator(graphdef, param_sh, mesh, t.global_batch, d.seq_len, rules)
+  n_params = count_params(nnx.merge(graphdef, abstract_params))
+  if finished and not (start == t.steps and _final_eval_missing(workdir, start)):
     ckpt.close()
-    return _finished(Workdir.open(workdir), model_cfg, start)
+    return _finished(Workdir.open(workdir), model_cfg, start, changes)
+
+  signals = StopFlag()
+  stop = AgreedStop(signals, MAX_IN_FLIGHT)
+  tokens_per_step = t.global_batch * d.seq_len
+  logger = MetricsLogger(workdir, t.steps, start, enabled=is_main, log_every=t.log_every)
+  if finished:  # the last step trained, its final evaluation interrupted: run only that
+    try:
+      logger.message(f"{workdir}: training finished at step {start}, but its final evaluation "
+                     "was interrupted; running it now")
+      record = {"tokens": start * tokens_per_step}
+      val = _evaluate(evaluator, state.params, corpus, d.seq_len, t.final_eval_tokens, logger,
+                      True, stop.now)
+      if val is not None:
+        record.update({k: v for k, v in val.items() if k != "loss_by_position"})
+        logger.log(start, record)
+    finally:
+      ckpt.close()
+      logger.close()
+      signals.restore()
+    if is_main and val is not None:
+      write_run_plot(workdir)
+    return {"step": start, "stopped_by": stop.requested if val is None else None,
+            "final": val, "final_field": "train.final_eval_tokens", "params": n_params,
+            "workdir": workdir, "model": model_cfg, "already_finished": False,
+            "final_eval_only": True, "eval_interrupted": val is None, "ignored": changes}
 
   batch_sh = shd.batch_sharding(mesh, rules)
   step_fn = jax.jit(make_train_step(graphdef, tx, t.microbatches),
                     in_shardings=(state_sh, batch_sh),
                     out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
                     donate_argnums=0)
-  evaluator = Evaluator(graphdef, param_sh, mesh, t.global_batch, d.seq_len, rules)
   health_fn = None
   if t.log_health:  # a second jit, run at logging steps only
     health_fn = jax.jit(make_health_fn(graphdef, tx, t.microbatches),
                         in_shardings=(state_sh, batch_sh),
                         out_shardings=NamedSharding(mesh, PartitionSpec()))
 
-  n_params = count_params(nnx.merge(graphdef, abstract_params))
   flops_per_token = train_flops_per_token(model_cfg, n_params["total"], d.seq_len)
   peak = t.peak_flops or measure_peak_flops()
-  tokens_per_step = t.global_batch * d.seq_len
-  logger = MetricsLogger(workdir, t.steps, start, enabled=is_main)
   logger.message(
       f"{model_cfg.attention} | params {n_params['total'] / 1e6:.2f}M "
       f"(non-embedding {n_params['non_embedding'] / 1e6:.2f}M) | mesh {sizes} | "
@@ -363,6 +241,15 @@ def train(config, workdir: str) -> dict[str, Any]:
       f"tokens, validation {len(corpus.val):,} | {t.steps} steps x {tokens_per_step:,} tokens | "
       f"MFU against {peak / 1e9:,.1f} GFLOP/s per device "
       f"({'train.peak_flops' if t.peak_flops else 'measured matmul peak'})")
+  warning = None if t.peak_flops else peak_warning(peak, jax.devices()[0])
+  if warning:
+    logger.message(warning)
+  if start and saved is not None and start >= saved["train"]["steps"]:
+    logger.message(f"train.steps: {saved['train']['steps']} -> {t.steps}: this run had finished "
+                   f"at step {start}; it continues to step {t.steps}")
+  moved = [c for c in changes if c[0] != "train.steps"]
+  if start and moved:
+    logger.message(f"resuming with changed settings: {changes_text(moved)}")
   seen = epochs(exp, len(corpus.train))
   if seen > MAX_EPOCHS_QUIET:
     logger.message(
@@ -370,24 +257,22 @@ def train(config, workdir: str) -> dict[str, Any]:
         f"tokens for {t.steps * tokens_per_step:,}); expect overfitting: use more data "
         "(data.path) or fewer train.steps")
 
-  signals = _StopFlag()
-  stop = _AgreedStop(signals, MAX_IN_FLIGHT)
   in_flight = collections.deque()
   last_log_time, last_log_step, eval_time = time.perf_counter(), start, 0.0
   last_saved, val = start if restored else -1, None
-  step = start
+  step, final_val, warned_mfu = start, None, False
   try:
     while step < t.steps and stop.requested is None:
       batch = jax.make_array_from_process_local_data(batch_sh, next(it).astype(np.int32))
       state, metrics = step_fn(state, batch)
       step += 1
-      logger.dispatched(step, metrics["loss"])
       # Dispatch is asynchronous: without a bound the loop queues dozens of steps ahead of the
       # device, and a SIGTERM must wait for all of them before the checkpoint. Two in flight
       # keep the device busy.
       in_flight.append(metrics["loss"])
       if len(in_flight) > MAX_IN_FLIGHT:
         in_flight.popleft().block_until_ready()
+      logger.dispatched(step, metrics["loss"])  # after the wait: it sees the steps now done
       stop.step_done()
       record = {}
       if step % t.log_every == 0 or step == t.steps:
@@ -398,6 +283,11 @@ def train(config, workdir: str) -> dict[str, Any]:
         record.update(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
                       lr=float(schedule(step - 1)), tokens_per_s=tok_s,
                       mfu=tok_s * flops_per_token / (peak * jax.device_count()))
+        if record["mfu"] > 1 and not warned_mfu:
+          warned_mfu = True
+          logger.message(f"warning: MFU {100 * record['mfu']:.0f}% is impossible: the peak it is "
+                         f"measured against ({peak / 1e9:,.1f} GFLOP/s per device) is too low; "
+                         "set train.peak_flops (FLOP/s per device)")
         # The step's own extras (a DMC retrofit: dmc_loss, dmc_slots = 1 / compression, the
         # ramped dmc_target) go to metrics.jsonl and TensorBoard as they are.
         record.update({k: float(v) for k, v in metrics.items() if k not in ("loss", "grad_norm")})
@@ -407,16 +297,17 @@ def train(config, workdir: str) -> dict[str, Any]:
           record.update({f"health/{k}": float(v)
                          for k, v in jax.device_get(health_fn(state, batch)).items()})
           eval_time += time.perf_counter() - health_start  # not training throughput either
-      if step % t.eval_every == 0 or step == t.steps:
+      if (step % t.eval_every == 0 or step == t.steps) and stop.requested is None:
         # Steps dispatched so far may still be running: finish them first, or their time would
         # count as eval time and inflate the next logged tokens/s.
         jax.block_until_ready(state)
         eval_start = time.perf_counter()
-        max_tokens = t.final_eval_tokens if step == t.steps else t.eval_tokens
-        val = evaluator(state.params, corpus.val, corpus.val_bytes_per_token, max_tokens)
-        whole_split = pipeline.num_windows(len(corpus.val), d.seq_len) * d.seq_len
-        val["val_whole_split"] = val["val_tokens"] >= whole_split
-        record.update({k: v for k, v in val.items() if k != "loss_by_position"})
+        final = step == t.steps
+        val = _evaluate(evaluator, state.params, corpus, d.seq_len,
+                        t.final_eval_tokens if final else t.eval_tokens, logger, final, stop.now)
+        if val is not None:
+          final_val = val if final else None
+          record.update({k: v for k, v in val.items() if k != "loss_by_position"})
         eval_time += time.perf_counter() - eval_start  # eval time is not training throughput
       if record:
         record["tokens"] = step * tokens_per_step
@@ -440,19 +331,64 @@ def train(config, workdir: str) -> dict[str, Any]:
         "fix the disk and re-run the same command to resume from it")
   if is_main and step == t.steps:
     write_run_plot(workdir)
-  return {"step": step, "stopped_by": stop.requested, "final": val if step == t.steps else None,
-          "params": n_params, "workdir": workdir, "model": model_cfg, "already_finished": False}
+  # Stopped at the last step before or during its evaluation: the checkpoint is there, a re-run
+  # evaluates it.
+  eval_interrupted = step == t.steps and final_val is None
+  return {"step": step, "stopped_by": stop.requested, "final": final_val,
+          "final_field": "train.final_eval_tokens", "params": n_params, "workdir": workdir,
+          "model": model_cfg, "already_finished": False, "eval_interrupted": eval_interrupted}
 
 
-def _finished(wd: Workdir, model_cfg: ModelConfig, step: int) -> dict[str, Any]:
-  """The summary of a run that already reached train.steps: its last evaluation, nothing run."""
-  final = None
+def _evaluate(evaluator: Evaluator, params, corpus, seq_len: int, max_tokens: int,
+              logger: MetricsLogger, final: bool, stop) -> dict | None:
+  """One validation pass with val_whole_split set; None if a stop signal interrupted it (said on
+  the console). The final one says that it starts, on how many tokens, and how far it got."""
+  n_tokens = pipeline.num_eval_windows(len(corpus.val), seq_len, max_tokens) * seq_len
+  whole = n_tokens >= pipeline.num_windows(len(corpus.val), seq_len) * seq_len
+  started = time.perf_counter()
+  progress = None
+  if final:
+    scope = "the whole validation split" if whole else "a prefix (train.final_eval_tokens)"
+    batches = -(-n_tokens // (seq_len * evaluator.batch_size))
+    logger.message(f"final evaluation: {scope}, {n_tokens:,} tokens in {batches:,} batches")
+
+    last = [started]
+
+    def progress(done: int, total: int) -> None:  # about every 10%, at most one line per 2 s
+      now = time.perf_counter()
+      if done and now - last[0] >= PROGRESS_EVERY_S:
+        last[0], spent = now, now - started
+        logger.message(f"final evaluation: {100 * done / total:.0f}% ({done:,}/{total:,} tokens), "
+                       f"{spent:.0f} s, ~{spent * (total - done) / done:.0f} s left")
+  try:
+    val = evaluator(params, corpus.val, corpus.val_bytes_per_token, max_tokens, progress, stop)
+  except EvalInterrupted as e:
+    what = "the final evaluation" if final else "the evaluation"
+    logger.message(f"stop requested: {what} interrupted after {e.tokens_done:,} of "
+                   f"{e.tokens_total:,} tokens ({time.perf_counter() - started:.1f} s)")
+    return None
+  val["val_whole_split"] = whole
+  return val
+
+
+def _final_eval_missing(workdir: str, step: int) -> bool:
+  """Whether the run's last step has no evaluation record (a stop interrupted its final eval)."""
+  return not any(r.get("step") == step and "val_loss" in r for r in read_metrics(workdir))
+
+
+def _finished(wd: Workdir, model_cfg: ModelConfig, step: int, ignored=()) -> dict[str, Any]:
+  """The summary of a run that already reached train.steps: its last evaluation, nothing run.
+  ignored: this command's setting changes, which a finished run does not use."""
+  final, final_step = None, None
   for record in read_metrics(wd.path):
     if "val_loss" in record:
       final = {k: v for k, v in record.items() if k.startswith("val_")}
+      final_step = record.get("step")
   n_params = count_params(abstract_model(model_cfg))
   return {"step": step, "stopped_by": None, "final": final, "params": n_params,
-          "workdir": wd.path, "model": model_cfg, "already_finished": True}
+          "final_field": ("train.final_eval_tokens" if final_step == step else "train.eval_tokens"),
+          "workdir": wd.path, "model": model_cfg, "already_finished": True,
+          "ignored": list(ignored)}
 
 
 def _meta(step: int, record: dict, tokens_per_step: int) -> dict:
@@ -479,16 +415,27 @@ def summary_text(summary: dict[str, Any]) -> str:
   """What train.py prints at the end: the result, what was scored, and the next commands."""
   wd, final = summary["workdir"], summary["final"]
   if summary["stopped_by"]:
+    if summary.get("eval_interrupted"):
+      return (f"{summary['stopped_by']}: the final evaluation of step {summary['step']} was "
+              "interrupted; the checkpoint of that step is saved: re-run the same command to "
+              "evaluate it (training is done)")
     return (f"{summary['stopped_by']}: stopped at step {summary['step']} with a checkpoint; "
             "re-run the same command to resume")
   lines = []
   if summary["already_finished"]:
     lines.append(f"{wd}: this run already finished (step {summary['step']}); nothing was "
                  "trained or changed")
+  if summary.get("final_eval_only"):
+    lines.append(f"{wd}: training had finished (step {summary['step']}); its interrupted final "
+                 "evaluation ran now")
+  if summary.get("ignored"):
+    lines.append(f"ignored, since this run is finished: {changes_text(summary['ignored'])} "
+                 "(use a new --workdir to train with them, or a larger train.steps to continue)")
   if final:
     whole = final.get("val_whole_split")
+    field = summary.get("final_field", "train.final_eval_tokens")
     scope = ("the whole validation split" if whole else
-             f"a {final['val_tokens']:,}-token prefix of the validation split (train.eval_tokens)")
+             f"a {final['val_tokens']:,}-token prefix of the validation split ({field})")
     lines.append(f"step {summary['step']}: val_loss {final['val_loss']:.4f}  val_ppl "
                  f"{final['val_ppl']:.3f}  val_bpb {final['val_bpb']:.4f}  over {scope}: "
                  f"{final['val_tokens']:,} tokens")
