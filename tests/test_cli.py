@@ -310,7 +310,7 @@ def test_ci_runs_the_readme_test_command_exactly():
   ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
   block = readme.split("Install, lint and run the tests", 1)[1].split("```bash\n", 1)[1]
   assert block.split("\n", 1)[0] == ci
-  assert "ruff check ." in ci and "pytest -q tests" in ci
+  assert "ruff check ." in ci and "pytest -q -n 2 --dist loadfile tests" in ci
 
 
 def test_readme_gpu_line_installs_the_pinned_jax():
