@@ -189,47 +189,71 @@ def test_config_change_refused_or_deliberate(base, ref):
 # Bad configuration: one line naming the field, exit 1, before reading data or compiling ---------
 
 NO_DATA = "--config.data.path=/nonexistent/corpus.txt"  # reading it would fail with data.path
-BAD_CONFIGS = {
+# What the command line itself refuses (flag parsing, the config file's argument): train.py in
+# subprocesses, on 2 devices.
+BAD_FLAGS = {
     "unknown_key": (["--config.train.stepz=5"], "--config.train.stepz"),
     "unknown_section": (["--config.trian.steps=5"], "--config.trian.steps"),
     "wrong_type_int": (["--config.train.steps=abc"], "--config.train.steps"),
     "wrong_type_float": (["--config.optim.lr=fast"], "--config.optim.lr"),
     "config_arg": (["--config=configs/lm.py:size=huge"], "size='huge'"),
     "heads_do_not_divide": (["--config.model.n_heads=3"], "n_heads=3"),
-    "kv_heads_do_not_divide": (["--config.model.attention=gqa", "--config.model.n_kv_heads=3"],
+}
+# What the config checks refuse (fields, mesh, batch split): trainer.train in this process, on
+# the suite's 8 devices; the CLI turns the same ValueError into its one line (BAD_FLAGS' runs).
+BAD_FIELDS = {
+    "kv_heads_do_not_divide": ({"model.attention": "gqa", "model.n_kv_heads": 3},
                                "model.n_kv_heads"),
-    "mesh_too_big": (["--config.mesh.data=3"], "mesh: "),
-    "mesh_does_not_divide": (["--config.mesh.tensor=3"], "mesh.data"),
-    "batch_vs_data_parallel": (["--config.train.global_batch=7"], "train.global_batch"),
-    "batch_vs_microbatches": (["--config.train.microbatches=3"], "train.microbatches"),
-    "seq_len_above_max": (["--config.data.seq_len=2048"], "data.seq_len"),
-    "unknown_source": (["--config.data.source=foo"], "data.source"),
-    "unknown_tokenizer": (["--config.data.tokenizer=foo"], "data.tokenizer"),
-    "unknown_nonfinite_policy": (["--config.train.on_nonfinite=ignore"], "train.on_nonfinite"),
+    "mesh_too_big": ({"mesh.data": 3}, "mesh: "),
+    "mesh_does_not_divide": ({"mesh.tensor": 3}, "mesh.data"),
+    "batch_vs_data_parallel": ({"train.global_batch": 7}, "train.global_batch"),
+    "batch_vs_microbatches": ({"train.microbatches": 3}, "train.microbatches"),
+    "seq_len_above_max": ({"data.seq_len": 2048}, "data.seq_len"),
+    "unknown_source": ({"data.source": "foo"}, "data.source"),
+    "unknown_tokenizer": ({"data.tokenizer": "foo"}, "data.tokenizer"),
+    "unknown_nonfinite_policy": ({"train.on_nonfinite": "ignore"}, "train.on_nonfinite"),
 }
 
 
 @pytest.fixture(scope="module")
-def bad_config_runs(base):
+def bad_flag_runs(base):
   jobs = []
-  for name, (extra, _) in BAD_CONFIGS.items():
+  for name, (extra, _) in BAD_FLAGS.items():
     args = ["--config=configs/lm.py:size=tiny", "--config.data.source=text", NO_DATA]
     if extra[0].startswith("--config="):
       args = args[1:]
     jobs.append((os.path.join(base, f"badconfig_{name}"), args + extra))
   procs = drill_runner.run_parallel(jobs, devices=2)  # 2 devices: data-parallel size 2
-  return {name: (run, wd) for name, run, (wd, _) in zip(BAD_CONFIGS, procs, jobs)}
+  return {name: (run, wd) for name, run, (wd, _) in zip(BAD_FLAGS, procs, jobs)}
 
 
 @slow
-@pytest.mark.parametrize("name", list(BAD_CONFIGS))
-def test_bad_config_is_one_line_naming_the_field(bad_config_runs, name):
-  run, workdir = bad_config_runs[name]
+@pytest.mark.parametrize("name", list(BAD_FLAGS))
+def test_bad_config_is_one_line_naming_the_field(bad_flag_runs, name):
+  run, workdir = bad_flag_runs[name]
   assert run.rc == 1, run.describe()
   assert "Traceback" not in run.err, run.describe()
-  assert run.last_line.startswith("error: ") and BAD_CONFIGS[name][1] in run.last_line, (
+  assert run.last_line.startswith("error: ") and BAD_FLAGS[name][1] in run.last_line, (
       run.last_line)
   assert "data.path" not in run.last_line  # found before any data was read
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+  assert not os.path.exists(os.path.join(workdir, CONFIG_FILE))
+
+
+@pytest.mark.parametrize("name", list(BAD_FIELDS))
+def test_bad_field_is_refused_naming_it_before_data_or_compile(base, name):
+  from mla_jax.experiment import load_config
+  from mla_jax.training import trainer
+
+  overrides, field = BAD_FIELDS[name]
+  workdir = os.path.join(base, f"badfield_{name}")
+  spec = os.path.join(drill_runner.REPO, "configs", "lm.py") + ":size=tiny"
+  config = load_config(spec, {"data.source": "text", "data.path": "/nonexistent/corpus.txt",
+                              **overrides})
+  with pytest.raises(ValueError) as e:
+    trainer.train(config, workdir)
+  message = str(e.value).splitlines()[0]
+  assert field in message and "data.path" not in message, message  # before any data was read
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
   assert not os.path.exists(os.path.join(workdir, CONFIG_FILE))
 
