@@ -90,12 +90,11 @@ def check_workdir(workdir: str, config_dict: dict, model_cfg: ModelConfig, allow
   if "config_changes" in saved.config:  # the history so far, kept across resumes
     config_dict["config_changes"] = list(saved.config["config_changes"])
   old_cfg = saved.model_config
-  free = {k: v for k, v in old_cfg.diff(model_cfg).items()
-          if k not in old_cfg.architecture_diff(model_cfg)}
+  diff = old_cfg.architecture_diff(model_cfg)
+  free = {k: v for k, v in old_cfg.diff(model_cfg).items() if k not in diff}
   if free:  # execution / training-loss choices: the same model, run another way
     log.info("continuing %s with %s", workdir,
              ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(free.items())))
-  diff = old_cfg.architecture_diff(model_cfg)
   if not diff:
     return
   fields = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, a, b in
